@@ -1,0 +1,1117 @@
+#!/usr/bin/env python3
+"""eventserver: record events in named streams and track each consumer's offset.
+
+One file, standard library only: a stand-in for the Go + PostgreSQL
+"eventserver" with the same HTTP API, for local development, CI fixtures and
+small boxes.
+
+    python3 eventserver.py [--host 127.0.0.1] [--port 8000] [--db eventserver.db]
+
+The API, the flags and the guarantees are documented in README.md.
+
+Security stance: every endpoint except GET /api/v1/health needs HTTP Basic
+auth, checked in constant time. When no credentials are configured a random
+password is made up and printed once. Basic auth over plain HTTP can be read
+on the wire, so bind to loopback (the default) or serve HTTPS with
+--certfile/--keyfile. Names and IDs are data: all SQL is parameterised.
+"""
+
+import argparse
+import base64
+import binascii
+import contextlib
+import datetime
+import decimal
+import hmac
+import http.server
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("eventserver")
+
+
+# Configuration ###############################################################
+
+class ConfigError(Exception):
+    """A flag, variable or file the server cannot start with."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive integer"
+
+
+def _seconds(text):
+    value = float(text)
+    if not 0 <= value < 1e6:
+        raise ValueError(text)
+    return value
+
+
+_seconds.__name__ = "number of seconds"
+
+
+class Config:
+    """Everything the server is started with, from flags and environment."""
+
+    def __init__(self, args, environ):
+        self.host = args.host or environ.get("EVENTSERVER_HOST") or "127.0.0.1"
+        self.port = _parse(int, args.port or environ.get("EVENTSERVER_PORT") or "8000", "port")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is not between 0 and 65535")
+        self.db = args.db or environ.get("EVENTSERVER_DB") or "eventserver.db"
+        self.sync = (args.sync or environ.get("EVENTSERVER_SYNC") or "full").lower()
+        if self.sync not in ("full", "normal"):
+            raise ConfigError(f"sync must be full or normal, not {self.sync!r}")
+        user = args.user if args.user is not None else environ.get("AUTH_USER", "")
+        password = args.password if args.password is not None else environ.get("AUTH_PASS", "")
+        if bool(user) != bool(password):
+            raise ConfigError("a user needs a password and a password needs a user "
+                              "(--user/--password or AUTH_USER/AUTH_PASS)")
+        self.password_generated = not user
+        self.user = user or "admin"
+        self.password = password or secrets.token_urlsafe(18)
+        self.max_body = args.max_body
+        self.max_limit = args.max_limit
+        self.max_wait = args.max_wait
+        self.timeout = args.timeout
+        self.quiet = args.quiet
+        self.certfile = args.certfile
+        self.keyfile = args.keyfile
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("--certfile and --keyfile go together")
+        self.fixtures = args.fixtures
+
+
+def _parse(kind, text, what):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be an integer, not {text!r}") from None
+
+
+def server_arguments(parser):
+    """Add the flags of the server (and of its sub-commands' --db) to parser."""
+    parser.add_argument("--host", help="bind address (env EVENTSERVER_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", help="port, 0 picks a free one (env EVENTSERVER_PORT, default 8000)")
+    parser.add_argument("--db", help="SQLite file (env EVENTSERVER_DB, default eventserver.db); "
+                                     ":memory: is a temporary file removed at exit")
+    parser.add_argument("--user", help="Basic-auth user (env AUTH_USER)")
+    parser.add_argument("--password", help="Basic-auth password (env AUTH_PASS)")
+    parser.add_argument("--sync", help="full: a 200 survives power loss; normal: it survives "
+                                       "a crash of the process (env EVENTSERVER_SYNC, default full)")
+    parser.add_argument("--max-body", type=_positive_int, default=1048576,
+                        help="largest request body in bytes (default 1048576)")
+    parser.add_argument("--max-limit", type=_positive_int, default=1000,
+                        help="largest limit a read returns (default 1000)")
+    parser.add_argument("--max-wait", type=_seconds, default=30.0,
+                        help="longest wait= of a long-poll read in seconds (default 30)")
+    parser.add_argument("--timeout", type=_seconds, default=30.0,
+                        help="seconds a connection may sit idle or half-sent (default 30)")
+    parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    parser.add_argument("--certfile", help="serve HTTPS with this PEM certificate chain")
+    parser.add_argument("--keyfile", help="the private key of --certfile")
+    parser.add_argument("--fixtures", help="NDJSON file of {stream, producerId, envelope} "
+                                           "lines to publish at start")
+
+
+def parse_config(argv, environ):
+    parser = _ArgumentParser(prog="eventserver.py", description=__doc__.split("\n\n")[0])
+    server_arguments(parser)
+    parser.add_argument("--version", action="version", version=f"eventserver {__version__}")
+    return Config(parser.parse_args(argv), environ)
+
+
+# Errors ######################################################################
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    411: "Length Required", 413: "Payload Too Large", 414: "URI Too Long",
+    423: "Locked", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented",
+    503: "Service Unavailable", 505: "HTTP Version Not Supported",
+}
+
+
+class HTTPError(Exception):
+    """A request refused with an HTTP status; the body is the JSON string
+    "<Reason> - <detail>" (or just "<Reason>"), as the Go server answers."""
+
+    def __init__(self, status, detail="", headers=()):
+        reason = REASONS.get(status, "Error")
+        self.status = status
+        self.text = f"{reason} - {detail}" if detail else reason
+        self.headers = tuple(headers)
+        super().__init__(self.text)
+
+
+def bad_request(detail):
+    return HTTPError(400, detail)
+
+
+def not_found(detail):
+    return HTTPError(404, detail)
+
+
+# Validation ##################################################################
+
+MAX_NAME = 255
+_FORBIDDEN_IN_NAME = re.compile("[\x00-\x1f\x7f-\x9f/]")  # category Cc, and the path separator
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+_DIGITS = re.compile(r"[0-9]+\Z")
+INT64 = range(-2 ** 63, 2 ** 63)
+
+
+def check_name(what, value):
+    """A stream or event name: 1-255 code points, no control character, no '/'."""
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"{what} is missing")
+    if len(value) > MAX_NAME:
+        raise bad_request(f"{what} is longer than {MAX_NAME} characters")
+    if _FORBIDDEN_IN_NAME.search(value):
+        raise bad_request(f"{what} contains a control character or '/'")
+    return value
+
+
+def check_client_id(what, value):
+    """A producer or consumer ID: 1-255 printable code points."""
+    if not value:
+        raise bad_request(f"{what} is missing")
+    if len(value) > MAX_NAME or not value.isprintable():
+        raise bad_request(f"{what} must be 1-{MAX_NAME} printable characters")
+    return value
+
+
+def check_event_id(value):
+    """An event ID: a UUID in 8-4-4-4-12 hex form, answered in lowercase."""
+    if not _UUID.match(value):
+        raise bad_request(f"event ID {value!r} is not a UUID")
+    return value.lower()
+
+
+def check_count(what, text, minimum):
+    """A non-negative decimal integer of at least minimum."""
+    if text is None or text == "":
+        raise bad_request(f"{what} is missing")
+    if not _DIGITS.match(text) or int(text) < minimum:
+        raise bad_request(f"{what} must be an integer >= {minimum}")
+    return int(text)
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def parse_json(body, content_type):
+    """The value of a JSON request body; any flaw is a 400."""
+    media_type, _, params = (content_type or "").partition(";")
+    if media_type.strip().lower() != "application/json":
+        raise bad_request("Content-Type must be application/json")
+    for param in params.split(";"):
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise bad_request("charset must be utf-8")
+    if not body:
+        raise bad_request("body is empty")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request("body is not valid UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        raise bad_request("body is not valid JSON") from None
+
+
+def compact_json(value):
+    """JSON text without spaces, UTF-8 safe (a lone surrogate is a 400)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("body contains a lone surrogate") from None
+    except (ValueError, RecursionError):
+        raise bad_request("body is not valid JSON") from None
+    return text
+
+
+class Envelope:
+    """A validated event envelope: its event name and compact JSON text.
+
+    payload_span is (start, length) of the payload's JSON text inside text,
+    1-based as SQLite's substr() counts, so search can look at the payload
+    alone; (1, 0) when there is no payload."""
+
+    __slots__ = ("name", "text", "payload_span")
+
+    def __init__(self, value, where=""):
+        if not isinstance(value, dict):
+            raise bad_request(f"{where}body must be a JSON object")
+        event = value.get("event")
+        if not isinstance(event, dict):
+            raise bad_request(f"{where}field event must be an object")
+        if not isinstance(event.get("name"), str):
+            raise bad_request(f"{where}field event.name must be a non-empty string")
+        try:
+            self.name = check_name("field event.name", event["name"])
+        except HTTPError as error:
+            raise bad_request(where + error.text.partition(" - ")[2]) from None
+        if "version" in event and (type(event["version"]) is not int or event["version"] not in INT64):
+            raise bad_request(f"{where}field event.version must be a 64-bit integer")
+        for field in ("system", "trigger", "payload"):
+            if field in value and not isinstance(value[field], dict):
+                raise bad_request(f"{where}field {field} must be an object")
+        parts = []
+        self.payload_span = (1, 0)
+        offset = 1
+        for key, item in value.items():
+            if key == "eventId":  # the server's ID is the event's ID
+                continue
+            key_text = compact_json(key) + ":"
+            item_text = compact_json(item)
+            if key == "payload":
+                self.payload_span = (offset + 1 + len(key_text), len(item_text))
+            parts.append(key_text + item_text)
+            offset += len(parts[-1]) + 1
+        self.text = "{" + ",".join(parts) + "}"
+
+
+def parse_envelopes(value):
+    """One envelope, or a batch: a JSON array of 1 to MAX_BATCH envelopes."""
+    if not isinstance(value, list):
+        return [Envelope(value)]
+    if not 1 <= len(value) <= MAX_BATCH:
+        raise bad_request(f"a batch holds 1 to {MAX_BATCH} events")
+    return [Envelope(item, f"event [{index}]: ") for index, item in enumerate(value)]
+
+
+MAX_BATCH = 1000
+
+
+def utc_now():
+    """Now, as the API writes times: ISO 8601, UTC, microseconds, +00:00."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+# Storage #####################################################################
+
+SCHEMA_VERSION = 1
+
+# Each entry upgrades the schema by one version; PRAGMA user_version says where a file stands.
+MIGRATIONS = [
+    """
+    CREATE TABLE streams (
+        stream_id   INTEGER PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        producer_id TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    );
+    CREATE INDEX streams_by_producer ON streams (producer_id);
+    CREATE TABLE events (
+        event_pk      INTEGER PRIMARY KEY,
+        event_id      TEXT NOT NULL UNIQUE,
+        stream_id     INTEGER NOT NULL REFERENCES streams,
+        event_name    TEXT NOT NULL,
+        sequence      INTEGER NOT NULL,
+        envelope      TEXT NOT NULL,
+        payload_start INTEGER NOT NULL,
+        payload_size  INTEGER NOT NULL,
+        created_at    TEXT NOT NULL,
+        UNIQUE (stream_id, event_name, sequence)
+    );
+    CREATE INDEX events_by_time ON events (stream_id, created_at);
+    -- kept inside the write transaction so counts never need a scan of events
+    CREATE TABLE event_counts (
+        stream_id  INTEGER NOT NULL REFERENCES streams,
+        event_name TEXT NOT NULL,
+        count      INTEGER NOT NULL,
+        PRIMARY KEY (stream_id, event_name)
+    ) WITHOUT ROWID;
+    CREATE TABLE daily_counts (
+        day   TEXT PRIMARY KEY,
+        count INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE consumer_offsets (
+        stream_id       INTEGER NOT NULL REFERENCES streams,
+        event_name      TEXT NOT NULL,
+        consumer_id     TEXT NOT NULL,
+        consumer_offset INTEGER NOT NULL,
+        moved_at        TEXT NOT NULL,
+        PRIMARY KEY (stream_id, event_name, consumer_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX consumer_offsets_by_consumer ON consumer_offsets (consumer_id);
+    """,
+]
+
+
+class StoreError(Exception):
+    """The database cannot be opened or used."""
+
+
+class _Ticket:
+    """One request's share of a group commit: its work, then its outcome."""
+
+    __slots__ = ("work", "result", "error", "done")
+
+    def __init__(self, work):
+        self.work = work
+        self.result = self.error = None
+        self.done = False
+
+
+class Store:
+    """The event store: the only code that speaks SQL.
+
+    Writes run one at a time under a process-wide lock, on one connection.
+    Requests that arrive while a transaction commits queue up and share the
+    next one (group commit); each gets its answer only after that commit.
+    Each request's work runs in its own savepoint, so one refusal never
+    touches the others. Reads use a pool of their own connections and never
+    wait for the lock (WAL readers see the last commit)."""
+
+    def __init__(self, path, sync="full"):
+        self.path = path
+        self.sync = sync
+        self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue = []
+        self._readers = queue.SimpleQueue()
+        self._stream_ids = {}  # name -> stream_id; streams are never renamed or removed
+        self._waiters = {}  # (stream_id, event_name) -> set of threading.Event (long-poll reads)
+        self._waiters_lock = threading.Lock()
+        self.closed = False
+        try:
+            self._writer = self._connect()
+            self._migrate()
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open database {path}: {error}") from None
+
+    def _connect(self):
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               cached_statements=256)
+        try:
+            conn.execute("PRAGMA busy_timeout = 10000")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(f"WAL mode not available (journal_mode is {mode})")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self.sync == 'full' else 'NORMAL'}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self):
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {version} is newer than this eventserver ({SCHEMA_VERSION})")
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self):
+        """Close every connection; later calls raise StoreError."""
+        self.closed = True
+        self.wake_all()
+        with self._write_lock:
+            self._writer.close()
+        while True:
+            try:
+                self._readers.get_nowait().close()
+            except queue.Empty:
+                break
+
+    # -- transactions ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """A reader connection from the pool, inside one read transaction."""
+        if self.closed:
+            raise HTTPError(503, "the server is stopping")
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            conn.execute("BEGIN")
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+            self._readers.put(conn)
+
+    def _transact(self, work):
+        """Run work(conn) in a write transaction, maybe shared with other
+        requests; return its result once it is committed."""
+        ticket = _Ticket(work)
+        with self._queue_lock:
+            self._queue.append(ticket)
+        with self._write_lock:
+            if not ticket.done:  # else an earlier leader committed it with its batch
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit(batch)
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result
+
+    def _commit(self, batch):
+        conn = self._writer
+        try:
+            if self.closed:
+                raise StoreError("the server is stopping")
+            conn.execute("BEGIN IMMEDIATE")
+            for ticket in batch:
+                conn.execute("SAVEPOINT request")
+                try:
+                    ticket.result = ticket.work(conn)
+                except HTTPError as error:
+                    conn.execute("ROLLBACK TO request")
+                    ticket.error = error
+                except sqlite3.Error as error:
+                    conn.execute("ROLLBACK TO request")
+                    log.error("write failed: %s", error)
+                    ticket.error = HTTPError(500, "the write failed")
+                conn.execute("RELEASE request")
+            conn.execute("COMMIT")
+        except (sqlite3.Error, StoreError) as error:
+            log.error("commit failed: %s", error)
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            status = 503 if self.closed else 500
+            failure = HTTPError(status, "the server is stopping" if self.closed else "the commit failed")
+            for ticket in batch:
+                ticket.result, ticket.error = None, failure
+        finally:
+            for ticket in batch:
+                ticket.done = True
+
+    def _stream_id(self, conn, name):
+        """The ID of a stream that has been written to, else a 404."""
+        stream_id = self._stream_ids.get(name)
+        if stream_id is None:
+            row = conn.execute("SELECT stream_id FROM streams WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise not_found(f"stream {name} not found")
+            stream_id = self._stream_ids[name] = row[0]
+        return stream_id
+
+    # -- the core verbs -------------------------------------------------------
+
+    def publish(self, stream, producer_id, envelopes):
+        """Store envelopes in order, all or none; return their new event IDs.
+        The first producer of a stream owns it; another gets a 423."""
+        now = utc_now()
+        event_ids = [str(uuid.uuid4()) for _ in envelopes]
+
+        def work(conn):
+            row = conn.execute("SELECT stream_id, producer_id FROM streams WHERE name = ?",
+                               (stream,)).fetchone()
+            if row is None:
+                stream_id = conn.execute(
+                    "INSERT INTO streams (name, producer_id, created_at) VALUES (?, ?, ?)",
+                    (stream, producer_id, now)).lastrowid
+            elif row[1] != producer_id:
+                raise HTTPError(423, "Second writers not allowed")
+            else:
+                stream_id = row[0]
+            counts = {}
+            for envelope in envelopes:
+                if envelope.name not in counts:
+                    found = conn.execute(
+                        "SELECT count FROM event_counts WHERE stream_id = ? AND event_name = ?",
+                        (stream_id, envelope.name)).fetchone()
+                    counts[envelope.name] = found[0] if found else 0
+            rows = []
+            for event_id, envelope in zip(event_ids, envelopes):
+                counts[envelope.name] += 1
+                rows.append((event_id, stream_id, envelope.name, counts[envelope.name],
+                             envelope.text, *envelope.payload_span, now))
+            conn.executemany(
+                "INSERT INTO events (event_id, stream_id, event_name, sequence, envelope,"
+                " payload_start, payload_size, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany(
+                "INSERT INTO event_counts (stream_id, event_name, count) VALUES (?, ?, ?)"
+                " ON CONFLICT (stream_id, event_name) DO UPDATE SET count = excluded.count",
+                [(stream_id, name, count) for name, count in counts.items()])
+            conn.execute(
+                "INSERT INTO daily_counts (day, count) VALUES (?, ?)"
+                " ON CONFLICT (day) DO UPDATE SET count = count + excluded.count",
+                (now[:10], len(rows)))
+            return stream_id, list(counts)
+
+        stream_id, names = self._transact(work)
+        self._stream_ids[stream] = stream_id
+        self._wake(stream_id, names)
+        return event_ids
+
+    def read(self, stream, event_name, consumer_id, limit):
+        """The JSON text of up to limit events of that name past the
+        consumer's offset, oldest first (the stored text, spliced, not re-encoded)."""
+        with self._reading() as conn:
+            rows = self._unconsumed(conn, self._stream_id(conn, stream), event_name, consumer_id, limit)
+        return _event_list(rows)
+
+    def _unconsumed(self, conn, stream_id, event_name, consumer_id, limit):
+        return conn.execute(
+            "SELECT event_id, envelope FROM events"
+            " WHERE stream_id = ?1 AND event_name = ?2 AND sequence > coalesce("
+            "  (SELECT consumer_offset FROM consumer_offsets"
+            "   WHERE stream_id = ?1 AND event_name = ?2 AND consumer_id = ?3), 0)"
+            " ORDER BY sequence LIMIT ?4",
+            (stream_id, event_name, consumer_id, limit)).fetchall()
+
+    def wait_and_read(self, stream, event_name, consumer_id, limit, seconds, stopping):
+        """Like read, but when nothing is there, wait up to seconds for an
+        event of that name to be committed to the stream (long poll)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with self._reading() as conn:
+                stream_id = self._stream_id(conn, stream)
+                rows = self._unconsumed(conn, stream_id, event_name, consumer_id, limit)
+            remaining = deadline - time.monotonic()
+            if rows or remaining <= 0 or self.closed or stopping():
+                return _event_list(rows)
+            key = (stream_id, event_name)
+            woken = threading.Event()
+            with self._waiters_lock:
+                self._waiters.setdefault(key, set()).add(woken)
+            try:
+                # Check again now that we are registered: a commit in between must not be missed.
+                with self._reading() as conn:
+                    rows = self._unconsumed(conn, stream_id, event_name, consumer_id, limit)
+                if rows or self.closed or stopping():
+                    return _event_list(rows)
+                woken.wait(remaining)
+            finally:
+                with self._waiters_lock:
+                    waiting = self._waiters.get(key)
+                    if waiting is not None:
+                        waiting.discard(woken)
+                        if not waiting:
+                            del self._waiters[key]
+
+    def _wake(self, stream_id, event_names):
+        if not self._waiters:
+            return
+        with self._waiters_lock:
+            for name in event_names:
+                for woken in self._waiters.pop((stream_id, name), ()):
+                    woken.set()
+
+    def wake_all(self):
+        """Release every long-poll read (at shutdown)."""
+        with self._waiters_lock:
+            for waiting in self._waiters.values():
+                for woken in waiting:
+                    woken.set()
+            self._waiters.clear()
+
+    def ack(self, stream, event_id, consumer_id):
+        """Move the consumer's offset to the event, if it is the next one."""
+        now = utc_now()
+
+        def work(conn):
+            stream_id = self._stream_id(conn, stream)
+            row = conn.execute(
+                "SELECT event_name, sequence FROM events WHERE event_id = ? AND stream_id = ?",
+                (event_id, stream_id)).fetchone()
+            if row is None:
+                raise not_found(f"event {event_id} not found in stream {stream}")
+            event_name, sequence = row
+            offset = self._offset(conn, stream_id, event_name, consumer_id)
+            if sequence <= offset:
+                return  # a retried ACK: already done
+            if sequence != offset + 1:
+                raise bad_request(
+                    f"consumer offset mismatch: expected sequence {offset + 1}, got {sequence}")
+            self._set_offset(conn, stream_id, event_name, consumer_id, sequence, now)
+
+        self._transact(work)
+
+    def _offset(self, conn, stream_id, event_name, consumer_id):
+        row = conn.execute(
+            "SELECT consumer_offset FROM consumer_offsets"
+            " WHERE stream_id = ? AND event_name = ? AND consumer_id = ?",
+            (stream_id, event_name, consumer_id)).fetchone()
+        return row[0] if row else 0
+
+    def _set_offset(self, conn, stream_id, event_name, consumer_id, offset, now):
+        conn.execute(
+            "INSERT INTO consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream_id, event_name, consumer_id)"
+            " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at",
+            (stream_id, event_name, consumer_id, offset, now))
+
+    def healthy(self):
+        """True when the database answers a query."""
+        try:
+            with self._reading() as conn:
+                conn.execute("SELECT count(*) FROM streams").fetchone()
+            return True
+        except (sqlite3.Error, HTTPError):
+            return False
+
+
+def _event_list(rows):
+    """A JSON array of stored envelopes, each with "eventId" spliced in first."""
+    return "[" + ",".join('{"eventId":"%s",%s' % (event_id, envelope[1:])
+                          for event_id, envelope in rows) + "]"
+
+
+# HTTP ########################################################################
+
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+class Request:
+    """What a handler needs of a request: path parameters, query, headers, body."""
+
+    __slots__ = ("app", "params", "query", "headers", "body", "client_id")
+
+    def __init__(self, app, params, query, headers, body):
+        self.app, self.params, self.query, self.headers, self.body = app, params, query, headers, body
+        self.client_id = ""
+
+    def header(self, name):
+        """A header's value read as UTF-8 ('' when absent)."""
+        value = self.headers.get(name)
+        if value is None:
+            return ""
+        try:
+            return value.encode("latin-1").decode("utf-8").strip()
+        except UnicodeError:
+            raise bad_request(f"header {name} is not valid UTF-8") from None
+
+    def arg(self, name):
+        """The first value of a query parameter, or None."""
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def producer_id(self):
+        self.client_id = check_client_id("X-Producer-ID", self.header("X-Producer-ID"))
+        return self.client_id
+
+    def consumer_id(self):
+        self.client_id = check_client_id("X-Consumer-ID", self.header("X-Consumer-ID"))
+        return self.client_id
+
+    def stream(self, key="stream"):
+        return check_name("stream name", self.params[key])
+
+
+class Reply:
+    """A response: status, body bytes, content type."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status, body, content_type=JSON_TYPE, headers=()):
+        self.status, self.content_type, self.headers = status, content_type, headers
+        self.body = body.encode("utf-8") if isinstance(body, str) else body
+
+
+def json_reply(value, status=200):
+    return Reply(status, json.dumps(value, ensure_ascii=False))
+
+
+# -- handlers: parse, call one Store method, answer ----------------------------
+
+def health(request):
+    if request.app.store.healthy():
+        return json_reply({"status": "OK"})
+    return json_reply({"status": "ERROR", "error": "the database does not answer"}, 503)
+
+
+def publish(request):
+    producer_id = request.producer_id()
+    stream = request.stream()
+    body = parse_json(request.body, request.headers.get("Content-Type"))
+    event_ids = request.app.store.publish(stream, producer_id, parse_envelopes(body))
+    return json_reply(event_ids if isinstance(body, list) else event_ids[0])
+
+
+def read_events(request):
+    consumer_id = request.consumer_id()
+    stream = request.stream()
+    event_name = check_name("eventName", request.arg("eventName"))
+    limit = min(check_count("limit", request.arg("limit"), 1), request.app.config.max_limit)
+    wait = request.arg("wait")
+    store = request.app.store
+    if wait is None:
+        return Reply(200, store.read(stream, event_name, consumer_id, limit))
+    seconds = _wait_seconds(wait, request.app.config.max_wait)
+    return Reply(200, store.wait_and_read(stream, event_name, consumer_id, limit, seconds,
+                                          request.app.stopping.is_set))
+
+
+def _wait_seconds(text, maximum):
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= maximum:
+        raise bad_request(f"wait must be a number of seconds from 0 to {maximum:g}")
+    return seconds
+
+
+def ack(request):
+    consumer_id = request.consumer_id()
+    stream = request.stream()
+    event_id = check_event_id(request.params["event_id"])
+    content_type = (request.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+    if content_type == "application/x-www-form-urlencoded":
+        try:
+            form = urllib.parse.parse_qs(request.body.decode("utf-8"), errors="strict")
+        except UnicodeError:
+            raise bad_request("body is not valid UTF-8") from None
+        action = form.get("action", [None])[0]
+    elif content_type == "application/json":
+        body = parse_json(request.body, request.headers.get("Content-Type"))
+        action = body.get("action") if isinstance(body, dict) else None
+    else:
+        raise bad_request("Content-Type must be application/x-www-form-urlencoded or application/json")
+    if action != "ACK":
+        raise bad_request("action must be ACK")
+    request.app.store.ack(stream, event_id, consumer_id)
+    return json_reply("OK")
+
+
+# -- routing ------------------------------------------------------------------
+
+ROUTES = [
+    ("GET",  "/api/v1/health",                               health),
+    ("POST", "/api/v1/streams/{stream}/events",              publish),
+    ("GET",  "/api/v1/streams/{stream}/events",              read_events),
+    ("POST", "/api/v1/streams/{stream}/events/{event_id}",   ack),
+]
+
+PUBLIC = {health}  # answered without credentials
+
+
+class Router:
+    """Matches a path against ROUTES: literal segments, and {name} segments
+    captured percent-decoded (UTF-8)."""
+
+    def __init__(self, routes):
+        self._routes = [(method, pattern.strip("/").split("/"), handler)
+                        for method, pattern, handler in routes]
+
+    def match(self, method, path):
+        """(handler, params) for method and path; 404 or 405 otherwise."""
+        segments = path.strip("/").split("/") if path != "/" else [""]
+        allowed = []
+        for route_method, pattern, handler in self._routes:
+            if len(pattern) != len(segments):
+                continue
+            params = {}
+            for want, got in zip(pattern, segments):
+                if want.startswith("{"):
+                    if not got:
+                        break
+                    params[want[1:-1]] = got
+                elif want != got:
+                    break
+            else:
+                if route_method == method:
+                    return handler, self._decode(params)
+                allowed.append(route_method)
+        if allowed:
+            raise HTTPError(405, headers=[("Allow", ", ".join(sorted(set(allowed))))])
+        raise HTTPError(404)
+
+    @staticmethod
+    def _decode(params):
+        try:
+            return {key: urllib.parse.unquote(value, errors="strict") for key, value in params.items()}
+        except UnicodeError:
+            raise bad_request("path is not valid UTF-8 after percent-decoding") from None
+
+
+class App:
+    """The server's state shared by all requests: config, store, router,
+    and the count of requests in flight (so shutdown can wait for them)."""
+
+    def __init__(self, config, store):
+        self.config = config
+        self.store = store
+        self.router = Router(ROUTES)
+        self.stopping = threading.Event()
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self._user = config.user.encode("utf-8")
+        self._password = config.password.encode("utf-8")
+
+    def authorized(self, header):
+        """Basic auth, compared in constant time."""
+        scheme, _, token = (header or "").strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        same_user = hmac.compare_digest(user, self._user)
+        same_password = hmac.compare_digest(password, self._password)
+        return bool(sep) and same_user and same_password
+
+    def begin(self):
+        """Count a request in; False when the server is stopping."""
+        with self._idle:
+            if self.stopping.is_set():
+                return False
+            self._in_flight += 1
+            return True
+
+    def end(self):
+        with self._idle:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.notify_all()
+
+    def drain(self, timeout):
+        """Refuse new requests, release long polls, wait for the rest to finish."""
+        self.stopping.set()
+        self.store.wake_all()
+        with self._idle:
+            self._idle.wait_for(lambda: not self._in_flight, timeout)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """HTTP framing only: routing, auth, body limits, dispatch, the response."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"eventserver/{__version__}"
+    disable_nagle_algorithm = True  # else a keep-alive response can wait 40 ms for a delayed ACK
+
+    def __getattr__(self, name):
+        if name.startswith("do_"):  # every method goes through the router: 404/405, never 501
+            return self._dispatch
+        raise AttributeError(name)
+
+    def handle_expect_100(self):
+        return True  # "100 Continue" is sent only once routing, auth and the size check pass
+
+    def _dispatch(self):
+        app = self.server.app
+        started = time.perf_counter()
+        self._body_unread = self.headers.get("Content-Length") not in (None, "0") \
+            or "Transfer-Encoding" in self.headers
+        request = None
+        if not app.begin():
+            self.close_connection = True
+            reply = Reply(503, json.dumps("Service Unavailable - the server is stopping"))
+        else:
+            try:
+                url = urllib.parse.urlsplit(self.path)
+                handler, params = app.router.match(self.command, url.path)
+                if handler not in PUBLIC and not app.authorized(self.headers.get("Authorization")):
+                    raise HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
+                body = self._read_body(app.config.max_body)
+                try:
+                    query = urllib.parse.parse_qs(url.query, keep_blank_values=True, errors="strict")
+                except UnicodeError:
+                    raise bad_request("query is not valid UTF-8 after percent-decoding") from None
+                request = Request(app, params, query, self.headers, body)
+                reply = handler(request)
+            except HTTPError as error:
+                reply = Reply(error.status, json.dumps(error.text, ensure_ascii=False), headers=error.headers)
+            except Exception:
+                log.exception("error handling %s %s", self.command, self.path)
+                reply = Reply(500, json.dumps("Internal Server Error - see the server log"))
+            finally:
+                app.end()
+        self._send(reply)
+        if not app.config.quiet:
+            elapsed = (time.perf_counter() - started) * 1000
+            log_access(self, reply, elapsed, request.client_id if request else "")
+
+    def _read_body(self, max_body):
+        if "Transfer-Encoding" in self.headers:
+            raise HTTPError(411)
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            return b""
+        if not _DIGITS.match(length_text.strip()):
+            raise bad_request("Content-Length must be a non-negative integer")
+        length = int(length_text)
+        if length > max_body:
+            raise HTTPError(413, str(max_body))
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise bad_request("body is shorter than Content-Length")
+        self._body_unread = False
+        return body
+
+    def _send(self, reply):
+        if self._body_unread:  # we answered without reading the body: the connection cannot go on
+            self.close_connection = True
+        lines = [f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Error')}",
+                 f"Server: {self.server_version}",
+                 f"Date: {_http_date()}",
+                 f"Content-Type: {reply.content_type}",
+                 f"Content-Length: {len(reply.body)}"]
+        lines.extend(f"{name}: {value}" for name, value in reply.headers)
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        # One write for head and body: no small packets for Nagle to hold back.
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + reply.body)
+        self.status, self.sent_bytes = reply.status, len(reply.body)
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (bad request line, headers
+        too long...), as JSON like every other error."""
+        self.close_connection = True
+        self._body_unread = True
+        reason = REASONS.get(code, "Error")
+        text = f"{reason} - {message}" if message and message != reason else reason
+        with contextlib.suppress(OSError):
+            self._send(Reply(code, json.dumps(text)))
+
+    def log_message(self, format, *args):
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+_date_cache = [0, ""]
+
+
+def _http_date():
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
+        _date_cache[0] = now
+    return _date_cache[1]
+
+
+_access_log_lock = threading.Lock()
+
+
+def log_access(handler, reply, milliseconds, client_id):
+    """One line per request on stderr: method, path, status, bytes, ms, client ID."""
+    line = (f"{utc_now()[:23]}Z {handler.client_address[0]} {handler.command} {handler.path}"
+            f" {reply.status} {len(reply.body)} {milliseconds:.1f}ms {client_id or '-'}\n")
+    with _access_log_lock:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """A thread per connection; a backlog long enough for bursts."""
+
+    request_queue_size = 1024  # the default of 5 pushes p99 past a second under load
+    daemon_threads = True
+
+    def __init__(self, address, app):
+        self.app = app
+        Handler.timeout = app.config.timeout or None
+        super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return  # a client that went away is not the server's error
+        log.error("error serving %s", client_address[0], exc_info=True)
+
+
+def make_server(config, store):
+    """A Server for config, bound and listening (OSError when the port is taken)."""
+    return Server((config.host, config.port), App(config, store))
+
+
+# Command line ################################################################
+
+def serve(config):
+    """Run the server until SIGINT or SIGTERM; return the exit code."""
+    try:
+        store = Store(config.db, config.sync)
+    except StoreError as error:
+        print(f"eventserver: {error}", file=sys.stderr)
+        return 1
+    try:
+        server = make_server(config, store)
+    except OSError as error:
+        store.close()
+        print(f"eventserver: cannot listen on {config.host}:{config.port}: "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    host, port = server.server_address[:2]
+    scheme = "http"
+    print(f"eventserver {__version__} listening on {scheme}://{_url_host(host)}:{port}/", flush=True)
+    if config.password_generated:
+        print(f"no credentials configured: user {config.user}, password {config.password}", flush=True)
+    thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
+    thread.start()
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()  # no new connections
+    server.server_close()
+    server.app.drain(timeout=config.timeout or 30)  # in-flight requests finish
+    store.close()
+    return 0
+
+
+def _url_host(host):
+    return f"[{host}]" if ":" in host else host
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = parse_config(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as error:
+        print(f"eventserver: {error}", file=sys.stderr)
+        return 2
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
