@@ -416,6 +416,7 @@ class Store:
         try:
             self._writer = self._connect()
             self._migrate()
+            self._identity = _file_identity(path)
         except sqlite3.Error as error:
             raise StoreError(f"cannot open database {path}: {error}") from None
 
@@ -686,14 +687,23 @@ class Store:
             " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at",
             (stream_id, event_name, consumer_id, offset, now))
 
-    def healthy(self):
-        """True when the database answers a query."""
+    def health_problem(self):
+        """Why the database does not answer, or None when it does."""
         try:
+            if _file_identity(self.path) != self._identity:
+                return f"the database file {self.path} was removed or replaced"
             with self._reading() as conn:
                 conn.execute("SELECT count(*) FROM streams").fetchone()
-            return True
-        except (sqlite3.Error, HTTPError):
-            return False
+        except OSError:
+            return f"the database file {self.path} was removed"
+        except (sqlite3.Error, HTTPError) as error:
+            return f"the database does not answer: {error}"
+        return None
+
+
+def _file_identity(path):
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 def _event_list(rows):
@@ -757,12 +767,17 @@ def json_reply(value, status=200):
     return Reply(status, json.dumps(value, ensure_ascii=False))
 
 
+def error_reply(error):
+    return Reply(error.status, json.dumps(error.text, ensure_ascii=False), headers=error.headers)
+
+
 # -- handlers: parse, call one Store method, answer ----------------------------
 
 def health(request):
-    if request.app.store.healthy():
+    problem = request.app.store.health_problem()
+    if problem is None:
         return json_reply({"status": "OK"})
-    return json_reply({"status": "ERROR", "error": "the database does not answer"}, 503)
+    return json_reply({"status": "ERROR", "error": problem}, 503)
 
 
 def publish(request):
@@ -939,34 +954,47 @@ class Handler(http.server.BaseHTTPRequestHandler):
         started = time.perf_counter()
         self._body_unread = self.headers.get("Content-Length") not in (None, "0") \
             or "Transfer-Encoding" in self.headers
-        request = None
+        self.client_id = ""
         if not app.begin():
             self.close_connection = True
-            reply = Reply(503, json.dumps("Service Unavailable - the server is stopping"))
+            reply = error_reply(HTTPError(503, "the server is stopping"))
         else:
             try:
-                url = urllib.parse.urlsplit(self.path)
-                handler, params = app.router.match(self.command, url.path)
-                if handler not in PUBLIC and not app.authorized(self.headers.get("Authorization")):
-                    raise HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
-                body = self._read_body(app.config.max_body)
-                try:
-                    query = urllib.parse.parse_qs(url.query, keep_blank_values=True, errors="strict")
-                except UnicodeError:
-                    raise bad_request("query is not valid UTF-8 after percent-decoding") from None
-                request = Request(app, params, query, self.headers, body)
-                reply = handler(request)
-            except HTTPError as error:
-                reply = Reply(error.status, json.dumps(error.text, ensure_ascii=False), headers=error.headers)
-            except Exception:
-                log.exception("error handling %s %s", self.command, self.path)
-                reply = Reply(500, json.dumps("Internal Server Error - see the server log"))
+                reply = self._handle(app)
+            except (ConnectionError, TimeoutError):
+                self.close_connection = True  # the client went away mid-request: nobody to answer
+                return
             finally:
                 app.end()
         self._send(reply)
         if not app.config.quiet:
-            elapsed = (time.perf_counter() - started) * 1000
-            log_access(self, reply, elapsed, request.client_id if request else "")
+            log_access(self, reply, (time.perf_counter() - started) * 1000)
+
+    def _handle(self, app):
+        """Route, authenticate, read the body, call the handler: its Reply,
+        or the error's (never a traceback)."""
+        try:
+            url = urllib.parse.urlsplit(self.path)
+            handler, params = app.router.match(self.command, url.path)
+            if handler not in PUBLIC and not app.authorized(self.headers.get("Authorization")):
+                raise HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
+            body = self._read_body(app.config.max_body)
+            try:
+                query = urllib.parse.parse_qs(url.query, keep_blank_values=True, errors="strict")
+            except UnicodeError:
+                raise bad_request("query is not valid UTF-8 after percent-decoding") from None
+            request = Request(app, params, query, self.headers, body)
+            try:
+                return handler(request)
+            finally:
+                self.client_id = request.client_id
+        except HTTPError as error:
+            return error_reply(error)
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception:
+            log.exception("error handling %s %s", self.command, self.path)
+            return error_reply(HTTPError(500, "see the server log"))
 
     def _read_body(self, max_body):
         if "Transfer-Encoding" in self.headers:
@@ -1009,10 +1037,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         too long...), as JSON like every other error."""
         self.close_connection = True
         self._body_unread = True
-        reason = REASONS.get(code, "Error")
-        text = f"{reason} - {message}" if message and message != reason else reason
+        detail = message if message and message != REASONS.get(code) else ""
         with contextlib.suppress(OSError):
-            self._send(Reply(code, json.dumps(text)))
+            self._send(error_reply(HTTPError(code, detail)))
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.address_string(), format % args)
@@ -1032,10 +1059,10 @@ def _http_date():
 _access_log_lock = threading.Lock()
 
 
-def log_access(handler, reply, milliseconds, client_id):
+def log_access(handler, reply, milliseconds):
     """One line per request on stderr: method, path, status, bytes, ms, client ID."""
     line = (f"{utc_now()[:23]}Z {handler.client_address[0]} {handler.command} {handler.path}"
-            f" {reply.status} {len(reply.body)} {milliseconds:.1f}ms {client_id or '-'}\n")
+            f" {reply.status} {len(reply.body)} {milliseconds:.1f}ms {handler.client_id or '-'}\n")
     with _access_log_lock:
         sys.stderr.write(line)
         sys.stderr.flush()

@@ -1,0 +1,1118 @@
+"""Tests of eventserver against SPEC.md: a real server on port 0, real HTTP,
+a real SQLite file in a temporary folder. Run with `make test`.
+
+Most tests share one in-process server per test class and keep apart by
+using fresh stream names; tests of the command line, signals and crashes run
+the server as a subprocess."""
+
+import base64
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+import uuid
+
+import eventserver
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SERVER = os.path.join(HERE, "eventserver.py")
+USER, PASSWORD = "tester", "s3cret-pass"
+UUID_LOWER = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+
+
+def basic(user=USER, password=PASSWORD):
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return f"Basic {token}"
+
+
+def envelope(name="OrderPlaced", **extra):
+    value = {"event": {"name": name, "version": 1},
+             "system": {"id": "alv123", "name": "codello alvine", "time": "2017-09-06 13:58:12",
+                        "timezone": "Europe/Berlin"},
+             "trigger": {"type": "system", "name": "/path/to/script.php"},
+             "payload": {}}
+    value.update(extra)
+    return value
+
+
+_names = iter(range(10 ** 9))
+
+
+def fresh(prefix="stream"):
+    """A stream name no other test uses."""
+    return f"{prefix}-{next(_names)}-{uuid.uuid4().hex[:6]}"
+
+
+def with_client(port, action):
+    """Run action(client) on a fresh connection, then close it."""
+    client = Client(port)
+    try:
+        return action(client)
+    finally:
+        client.close()
+
+
+def quote(name):
+    return urllib.parse.quote(name, safe="")
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+class Client:
+    """A keep-alive HTTP client for one server."""
+
+    def __init__(self, port, host="127.0.0.1"):
+        self.host, self.port = host, port
+        self.conn = http.client.HTTPConnection(host, port, timeout=15)
+
+    def request(self, method, path, body=None, headers=None, auth=True):
+        all_headers = {"Authorization": basic()} if auth else {}
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            all_headers["Content-Type"] = "application/json"
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        all_headers.update(headers or {})
+        all_headers = {k: v for k, v in all_headers.items() if v is not None}
+        try:
+            self.conn.request(method, path, body=body, headers=all_headers)
+            response = self.conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            self.conn.close()
+            self.conn.request(method, path, body=body, headers=all_headers)
+            response = self.conn.getresponse()
+        data = response.read()
+        return Response(response.status, response.headers, data)
+
+    def publish(self, stream, value=None, producer="producer-1", headers=None):
+        all_headers = {"X-Producer-ID": producer}
+        all_headers.update(headers or {})
+        return self.request("POST", f"/api/v1/streams/{quote(stream)}/events",
+                            envelope() if value is None else value, all_headers)
+
+    def read(self, stream, event_name="OrderPlaced", limit=100, consumer="consumer-1", extra=""):
+        query = urllib.parse.urlencode({"eventName": event_name, "limit": limit})
+        return self.request("GET", f"/api/v1/streams/{quote(stream)}/events?{query}{extra}",
+                            headers={"X-Consumer-ID": consumer})
+
+    def ack(self, stream, event_id, consumer="consumer-1", body="action=ACK",
+            content_type="application/x-www-form-urlencoded"):
+        return self.request("POST", f"/api/v1/streams/{quote(stream)}/events/{event_id}", body,
+                            {"X-Consumer-ID": consumer, "Content-Type": content_type})
+
+    def close(self):
+        self.conn.close()
+
+
+class LiveServer:
+    """An eventserver in this process, on port 0, over a fresh database file."""
+
+    def __init__(self, *flags):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.db = os.path.join(self.tmp.name, "events.db")
+        argv = ["--port", "0", "--db", self.db, "--user", USER, "--password", PASSWORD, "--quiet",
+                *flags]
+        self.config = eventserver.parse_config(argv, {})
+        self.store = eventserver.Store(self.config.db, self.config.sync)
+        self.server = eventserver.make_server(self.config, self.store)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def client(self):
+        return Client(self.port)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.server.app.drain(timeout=5)
+        self.store.close()
+        self.tmp.cleanup()
+
+
+class ServerTest(unittest.TestCase):
+    """Base: one live server for the class, one client per test."""
+
+    flags = ()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.live = LiveServer(*cls.flags)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.live.stop()
+
+    def setUp(self):
+        self.client = self.live.client()
+        self.addCleanup(self.client.close)
+
+    def publish_ok(self, stream, value=None, producer="producer-1"):
+        response = self.client.publish(stream, value, producer)
+        self.assertEqual(response.status, 200, response)
+        return response.json
+
+    def assert_error(self, response, status, text=None, starts=None):
+        self.assertEqual(response.status, status, response)
+        self.assertEqual(response.headers["Content-Type"], "application/json; charset=utf-8")
+        body = response.json
+        self.assertIsInstance(body, str)
+        if text is not None:
+            self.assertEqual(body, text)
+        if starts is not None:
+            self.assertTrue(body.startswith(starts), body)
+        return body
+
+    def assert_stream_absent(self, stream):
+        self.assert_error(self.client.read(stream), 404, f"Not Found - stream {stream} not found")
+
+    def db_rows(self, sql, *args):
+        """Look at the database file directly (read-only), as an operator would."""
+        with sqlite3.connect(f"file:{self.live.db}?mode=ro", uri=True) as conn:
+            return conn.execute(sql, args).fetchall()
+
+
+# Publish (SPEC 3.1) ###########################################################
+
+class PublishTest(ServerTest):
+
+    def test_publish_returns_lowercase_uuid_and_read_returns_envelope_as_sent(self):
+        stream = fresh()
+        sent = {"event": {"name": "OrderPlaced", "version": 1}, "custom": [1, "zwei", None],
+                "system": {"id": "alv123", "name": "codello alvine"},
+                "trigger": {"type": "system", "name": "/path/to/script.php"},
+                "payload": {"total": 12.5, "items": ["a", "ü"]}, "eventId": "client-made"}
+        event_id = self.publish_ok(stream, sent)
+        self.assertRegex(event_id, UUID_LOWER)
+        response = self.client.read(stream)
+        self.assertEqual(response.status, 200)
+        expected = {"eventId": event_id, **{k: v for k, v in sent.items() if k != "eventId"}}
+        self.assertEqual(response.json, [expected])
+        self.assertEqual(list(response.json[0]), ["eventId", "event", "custom", "system", "trigger", "payload"])
+        # stored compactly, as sent
+        self.assertIn(b'"payload":{"total":12.5,"items":["a","\xc3\xbc"]}', response.body)
+
+    def test_publish_minimal_envelope(self):
+        stream = fresh()
+        event_id = self.publish_ok(stream, {"event": {"name": "Ping"}})
+        self.assertEqual(self.client.read(stream, "Ping").json, [{"eventId": event_id, "event": {"name": "Ping"}}])
+
+    def test_publish_needs_producer_id(self):
+        for producer in (None, ""):
+            with self.subTest(producer=producer):
+                stream = fresh()
+                response = self.client.request("POST", f"/api/v1/streams/{stream}/events", envelope(),
+                                               {"X-Producer-ID": producer})
+                self.assert_error(response, 400, starts="Bad Request - X-Producer-ID")
+                self.assert_stream_absent(stream)
+
+    def test_publish_rejects_bad_producer_ids(self):
+        for producer in ("tab\there", "x" * 256):
+            with self.subTest(producer=producer[:20]):
+                stream = fresh()
+                self.assert_error(self.client.publish(stream, producer=producer), 400,
+                                  starts="Bad Request - X-Producer-ID")
+                self.assert_stream_absent(stream)
+
+    def test_publish_accepts_any_printable_producer_id_read_as_utf8(self):
+        stream = fresh()
+        producer = "prodüçer-Ω " + "x" * 240
+        raw = producer.encode("utf-8").decode("latin-1")  # http.client sends header text as latin-1
+        self.publish_ok(stream, producer=raw)
+        self.assertEqual(self.db_rows("SELECT producer_id FROM streams WHERE name = ?", stream),
+                         [(producer,)])
+        self.assert_error(self.client.publish(stream, producer="other"), 423)
+
+    def test_publish_rejects_malformed_bodies_naming_the_field(self):
+        def with_event(**event):
+            return json.dumps({"event": event})
+
+        cases = [
+            ("not json", b"{oops", "JSON"),
+            ("invalid utf-8", b'{"event":{"name":"\xff\xfe"}}', "UTF-8"),
+            ("empty", b"", "empty"),
+            ("array of non-objects", b"[1]", "object"),
+            ("string", b'"x"', "object"),
+            ("number", b"5", "object"),
+            ("null", b"null", "object"),
+            ("no event", b'{"payload":{}}', "event"),
+            ("event not object", b'{"event":"OrderPlaced"}', "event"),
+            ("no name", with_event(version=1), "event.name"),
+            ("empty name", with_event(name=""), "event.name"),
+            ("name not string", with_event(name=5), "event.name"),
+            ("name with control", with_event(name="a\u0007b"), "event.name"),
+            ("name with C1 control", with_event(name="a\u0085b"), "event.name"),
+            ("name with slash", with_event(name="a/b"), "event.name"),
+            ("name too long", with_event(name="n" * 256), "event.name"),
+            ("version string", with_event(name="A", version="1"), "event.version"),
+            ("version float", b'{"event":{"name":"A","version":1.0}}', "event.version"),
+            ("version bool", with_event(name="A", version=True), "event.version"),
+            ("version over int64", with_event(name="A", version=2 ** 63), "event.version"),
+            ("version under int64", with_event(name="A", version=-2 ** 63 - 1), "event.version"),
+            ("system array", json.dumps({"event": {"name": "A"}, "system": []}), "system"),
+            ("trigger string", json.dumps({"event": {"name": "A"}, "trigger": "x"}), "trigger"),
+            ("payload null", json.dumps({"event": {"name": "A"}, "payload": None}), "payload"),
+            ("NaN", b'{"event":{"name":"A"},"payload":{"x":NaN}}', "JSON"),
+            ("Infinity", b'{"event":{"name":"A"},"payload":{"x":-Infinity}}', "JSON"),
+            ("huge float", b'{"event":{"name":"A"},"payload":{"x":1e999}}', "JSON"),
+            ("lone surrogate", b'{"event":{"name":"A"},"payload":{"x":"\\ud800"}}', "surrogate"),
+            ("deep nesting", b'{"event":{"name":"A"},"payload":' + b"[" * 100000 + b"]" * 100000 + b"}",
+             "JSON"),
+        ]
+        for label, body, field in cases:
+            with self.subTest(label):
+                stream = fresh()
+                response = self.client.request("POST", f"/api/v1/streams/{stream}/events", body,
+                                               {"X-Producer-ID": "p", "Content-Type": "application/json"})
+                text = self.assert_error(response, 400, starts="Bad Request - ")
+                self.assertIn(field, text)
+                self.assert_stream_absent(stream)
+        self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+
+    def test_publish_accepts_int64_bounds_for_version(self):
+        stream = fresh()
+        for version in (2 ** 63 - 1, -2 ** 63, 0):
+            self.publish_ok(stream, {"event": {"name": "V", "version": version}})
+        versions = [item["event"]["version"] for item in self.client.read(stream, "V").json]
+        self.assertEqual(versions, [2 ** 63 - 1, -2 ** 63, 0])
+
+    def test_publish_requires_json_content_type(self):
+        body = json.dumps(envelope())
+        for content_type in (None, "text/plain", "application/x-www-form-urlencoded",
+                             "application/json; charset=latin-1", "application/jsonx"):
+            with self.subTest(content_type=content_type):
+                stream = fresh()
+                response = self.client.request("POST", f"/api/v1/streams/{stream}/events", body,
+                                               {"X-Producer-ID": "p", "Content-Type": content_type})
+                self.assert_error(response, 400, starts="Bad Request - ")
+                self.assert_stream_absent(stream)
+        for content_type in ("application/json", "application/json; charset=utf-8",
+                             "Application/JSON;charset=UTF-8"):
+            with self.subTest(content_type=content_type):
+                response = self.client.request("POST", f"/api/v1/streams/{fresh()}/events", body,
+                                               {"X-Producer-ID": "p", "Content-Type": content_type})
+                self.assertEqual(response.status, 200, response)
+
+    def test_publish_second_producer_is_locked_out_and_nothing_stored(self):
+        stream = fresh()
+        self.publish_ok(stream, producer="owner")
+        response = self.client.publish(stream, producer="intruder")
+        self.assert_error(response, 423, "Locked - Second writers not allowed")
+        self.assertEqual(len(self.client.read(stream).json), 1)
+        self.publish_ok(stream, producer="owner")
+        self.assertEqual(len(self.client.read(stream).json), 2)
+
+    def test_publish_sequences_count_per_event_name(self):
+        stream = fresh()
+        first_a = self.publish_ok(stream, envelope("A"))
+        first_b = self.publish_ok(stream, envelope("B"))
+        second_a = self.publish_ok(stream, envelope("A"))
+        self.assertEqual(self.db_rows("SELECT event_name, sequence FROM events e JOIN streams s USING (stream_id)"
+                                      " WHERE s.name = ? ORDER BY event_pk", stream),
+                         [("A", 1), ("B", 1), ("A", 2)])
+        # B's first event is sequence 1 of B: acknowledging it needs no A
+        self.assertEqual(self.client.ack(stream, first_b).status, 200)
+        self.assert_error(self.client.ack(stream, second_a), 400,
+                          "Bad Request - consumer offset mismatch: expected sequence 1, got 2")
+        self.assertEqual(self.client.ack(stream, first_a).status, 200)
+        self.assertEqual(self.client.ack(stream, second_a).status, 200)
+
+    def test_publish_concurrent_producers_get_gapless_sequences(self):
+        stream = fresh()
+
+        def worker(_):
+            client = self.live.client()
+            try:
+                return [client.publish(stream, envelope("Tick")) for _ in range(25)]
+            finally:
+                client.close()
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            responses = [r for batch in pool.map(worker, range(8)) for r in batch]
+        self.assertTrue(all(r.status == 200 for r in responses), [r for r in responses if r.status != 200][:3])
+        published = {r.json for r in responses}
+        self.assertEqual(len(published), 200)
+        events = self.client.read(stream, "Tick", limit=1000).json
+        self.assertEqual(len(events), 200)
+        self.assertEqual({e["eventId"] for e in events}, published)
+        # the read order acknowledges one by one: sequence n+1 always follows n
+        for item in events:
+            self.assertEqual(self.client.ack(stream, item["eventId"]).status, 200)
+        self.assertEqual(self.client.read(stream, "Tick").json, [])
+        sequences = self.db_rows("SELECT sequence FROM events JOIN streams USING (stream_id)"
+                                 " WHERE name = ? ORDER BY sequence", stream)
+        self.assertEqual([s for (s,) in sequences], list(range(1, 201)))
+
+    def test_publish_racing_producers_leave_exactly_one_owner(self):
+        stream = fresh()
+        barrier = threading.Barrier(12)
+
+        def racer(index):
+            client = self.live.client()
+            try:
+                client.request("GET", "/api/v1/health")  # connect before the race
+                barrier.wait()
+                return index, client.publish(stream, envelope(payload={"by": index}), producer=f"racer-{index}")
+            finally:
+                client.close()
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(racer, range(12)))
+        winners = [(index, r) for index, r in results if r.status == 200]
+        self.assertEqual(len(winners), 1, results)
+        self.assertTrue(all(r.status == 423 for _, r in results if r.status != 200))
+        events = self.client.read(stream).json
+        self.assertEqual([e["payload"]["by"] for e in events], [winners[0][0]])
+        self.assertEqual(self.db_rows("SELECT producer_id FROM streams WHERE name = ?", stream),
+                         [(f"racer-{winners[0][0]}",)])
+
+    def test_publish_sql_is_parameterised(self):
+        stream = "x'; DROP TABLE events;--"
+        event_id = self.publish_ok(stream, envelope("Robert'); DROP TABLE streams;--"))
+        items = self.client.read(stream, "Robert'); DROP TABLE streams;--").json
+        self.assertEqual([i["eventId"] for i in items], [event_id])
+        self.assertEqual(self.client.read(fresh() + "' OR '1'='1").status, 404)
+
+    def test_publish_unicode_stream_names_round_trip(self):
+        for stream in ("Bestellungen-äöü", "заказы", "注文✓", "emoji-🎉", "a b+c%d", "n" * 255):
+            with self.subTest(stream=stream[:20]):
+                event_id = self.publish_ok(stream)
+                self.assertEqual([e["eventId"] for e in self.client.read(stream).json], [event_id])
+
+
+# Batch publish (issue 5) ######################################################
+
+class BatchPublishTest(ServerTest):
+
+    def test_batch_publish_stores_all_in_order_and_answers_ids(self):
+        stream = fresh()
+        batch = [envelope("A", payload={"i": i}) for i in range(5)]
+        ids = self.publish_ok(stream, batch)
+        self.assertEqual(len(ids), 5)
+        self.assertTrue(all(UUID_LOWER.match(i) for i in ids))
+        events = self.client.read(stream, "A").json
+        self.assertEqual([e["eventId"] for e in events], ids)
+        self.assertEqual([e["payload"]["i"] for e in events], list(range(5)))
+
+    def test_batch_publish_is_all_or_nothing_and_names_the_bad_index(self):
+        stream = fresh()
+        batch = [envelope("A"), envelope("A"), {"event": {"name": ""}}, envelope("A")]
+        text = self.assert_error(self.client.publish(stream, batch), 400)
+        self.assertIn("[2]", text)
+        self.assert_stream_absent(stream)
+
+    def test_batch_publish_size_limits(self):
+        self.assert_error(self.client.publish(fresh(), []), 400)
+        stream = fresh()
+        self.assertEqual(len(self.publish_ok(stream, [{"event": {"name": "A"}}] * 1000)), 1000)
+        self.assert_error(self.client.publish(fresh(), [{"event": {"name": "A"}}] * 1001), 400)
+
+
+# Read (SPEC 3.2) ##############################################################
+
+class ReadTest(ServerTest):
+
+    flags = ("--max-limit", "5")
+
+    def test_read_returns_oldest_first_up_to_limit_only_that_name(self):
+        stream = fresh()
+        ids = [self.publish_ok(stream, envelope("A", payload={"n": n})) for n in range(4)]
+        self.publish_ok(stream, envelope("B"))
+        response = self.client.read(stream, "A", limit=3)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers["Content-Type"], "application/json; charset=utf-8")
+        self.assertEqual([e["eventId"] for e in response.json], ids[:3])
+        self.assertEqual(self.client.read(stream, "C").json, [])
+
+    def test_read_does_not_move_the_offset(self):
+        stream = fresh()
+        event_id = self.publish_ok(stream)
+        for _ in range(3):
+            self.assertEqual([e["eventId"] for e in self.client.read(stream).json], [event_id])
+
+    def test_read_offsets_are_per_consumer(self):
+        stream = fresh()
+        first, second = self.publish_ok(stream), self.publish_ok(stream)
+        self.assertEqual(self.client.ack(stream, first, consumer="c-a").status, 200)
+        self.assertEqual([e["eventId"] for e in self.client.read(stream, consumer="c-a").json], [second])
+        self.assertEqual([e["eventId"] for e in self.client.read(stream, consumer="c-b").json], [first, second])
+
+    def test_read_limit_above_maximum_is_lowered(self):
+        stream = fresh()
+        self.publish_ok(stream, [envelope() for _ in range(7)])
+        self.assertEqual(len(self.client.read(stream, limit=100).json), 5)
+        self.assertEqual(len(self.client.read(stream, limit=10 ** 30).json), 5)
+
+    def test_read_unknown_stream_is_404(self):
+        self.assert_error(self.client.read("never-written"), 404, "Not Found - stream never-written not found")
+
+    def test_read_rejects_bad_parameters(self):
+        stream = fresh()
+        self.publish_ok(stream)
+        base = f"/api/v1/streams/{stream}/events"
+        cases = {
+            "no consumer": (f"{base}?eventName=OrderPlaced&limit=1", {}),
+            "empty consumer": (f"{base}?eventName=OrderPlaced&limit=1", {"X-Consumer-ID": ""}),
+            "no eventName": (f"{base}?limit=1", {"X-Consumer-ID": "c"}),
+            "empty eventName": (f"{base}?eventName=&limit=1", {"X-Consumer-ID": "c"}),
+            "eventName with control": (f"{base}?eventName=a%00b&limit=1", {"X-Consumer-ID": "c"}),
+            "no limit": (f"{base}?eventName=OrderPlaced", {"X-Consumer-ID": "c"}),
+            "limit zero": (f"{base}?eventName=OrderPlaced&limit=0", {"X-Consumer-ID": "c"}),
+            "limit negative": (f"{base}?eventName=OrderPlaced&limit=-1", {"X-Consumer-ID": "c"}),
+            "limit text": (f"{base}?eventName=OrderPlaced&limit=ten", {"X-Consumer-ID": "c"}),
+            "limit float": (f"{base}?eventName=OrderPlaced&limit=1.5", {"X-Consumer-ID": "c"}),
+            "limit empty": (f"{base}?eventName=OrderPlaced&limit=", {"X-Consumer-ID": "c"}),
+        }
+        for label, (path, headers) in cases.items():
+            with self.subTest(label):
+                self.assert_error(self.client.request("GET", path, headers=headers), 400, starts="Bad Request - ")
+
+    def test_read_bad_input_wins_over_missing_stream(self):
+        response = self.client.request("GET", "/api/v1/streams/nope/events?eventName=A&limit=1")
+        self.assert_error(response, 400, starts="Bad Request - X-Consumer-ID")
+
+    def test_read_does_not_wait_for_the_write_lock(self):
+        stream = fresh()
+        event_id = self.publish_ok(stream)
+        store = self.live.store
+        store._write_lock.acquire()
+        try:
+            blocked = concurrent.futures.ThreadPoolExecutor(1)
+            pending = blocked.submit(with_client, self.live.port, lambda c: c.publish(stream))
+            started = time.monotonic()
+            response = self.client.read(stream)
+            self.assertLess(time.monotonic() - started, 5)
+            self.assertEqual([e["eventId"] for e in response.json], [event_id])
+            self.assertFalse(pending.done())  # the publish is the one waiting
+        finally:
+            store._write_lock.release()
+        self.assertEqual(pending.result(timeout=10).status, 200)
+        blocked.shutdown()
+
+
+# Acknowledge (SPEC 3.3) #######################################################
+
+class AckTest(ServerTest):
+
+    def test_ack_moves_offset_with_form_body(self):
+        stream = fresh()
+        first, second = self.publish_ok(stream), self.publish_ok(stream)
+        response = self.client.ack(stream, first)
+        self.assertEqual((response.status, response.json), (200, "OK"))
+        self.assertEqual([e["eventId"] for e in self.client.read(stream).json], [second])
+
+    def test_ack_accepts_json_body(self):
+        stream = fresh()
+        event_id = self.publish_ok(stream)
+        response = self.client.ack(stream, event_id, body='{"action": "ACK"}', content_type="application/json")
+        self.assertEqual((response.status, response.json), (200, "OK"))
+        self.assertEqual(self.client.read(stream).json, [])
+
+    def test_ack_accepts_uppercase_event_id(self):
+        stream = fresh()
+        event_id = self.publish_ok(stream)
+        self.assertEqual(self.client.ack(stream, event_id.upper()).status, 200)
+        self.assertEqual(self.client.read(stream).json, [])
+
+    def test_ack_retry_is_ok_and_changes_nothing(self):
+        stream = fresh()
+        first, second = self.publish_ok(stream), self.publish_ok(stream)
+        self.assertEqual(self.client.ack(stream, first).status, 200)
+        self.assertEqual(self.client.ack(stream, second).status, 200)
+        moved_at = self.db_rows("SELECT moved_at FROM consumer_offsets")
+        response = self.client.ack(stream, first)
+        self.assertEqual((response.status, response.json), (200, "OK"))
+        self.assertEqual(self.db_rows("SELECT moved_at FROM consumer_offsets"), moved_at)
+        self.assertEqual(self.client.read(stream).json, [])
+
+    def test_ack_ahead_of_offset_is_400_and_changes_nothing(self):
+        stream = fresh()
+        ids = [self.publish_ok(stream) for _ in range(3)]
+        self.assert_error(self.client.ack(stream, ids[2]), 400,
+                          "Bad Request - consumer offset mismatch: expected sequence 1, got 3")
+        self.assertEqual(len(self.client.read(stream).json), 3)
+        self.assertEqual(self.client.ack(stream, ids[0]).status, 200)
+        self.assert_error(self.client.ack(stream, ids[2]), 400,
+                          "Bad Request - consumer offset mismatch: expected sequence 2, got 3")
+
+    def test_ack_rejects_bad_actions_and_content_types(self):
+        stream = fresh()
+        event_id = self.publish_ok(stream)
+        cases = [
+            ("action=NACK", "application/x-www-form-urlencoded"),
+            ("action=ack", "application/x-www-form-urlencoded"),
+            ("", "application/x-www-form-urlencoded"),
+            ("other=ACK", "application/x-www-form-urlencoded"),
+            ('{"action": "NACK"}', "application/json"),
+            ('{"action": ["ACK"]}', "application/json"),
+            ('["ACK"]', "application/json"),
+            ("{bad", "application/json"),
+            ("action=ACK", "text/plain"),
+            ("action=ACK", None),
+        ]
+        for body, content_type in cases:
+            with self.subTest(body=body, content_type=content_type):
+                self.assert_error(self.client.ack(stream, event_id, body=body, content_type=content_type),
+                                  400, starts="Bad Request - ")
+        self.assertEqual(len(self.client.read(stream).json), 1)
+
+    def test_ack_needs_consumer_id(self):
+        stream = fresh()
+        event_id = self.publish_ok(stream)
+        response = self.client.request("POST", f"/api/v1/streams/{stream}/events/{event_id}", "action=ACK",
+                                       {"Content-Type": "application/x-www-form-urlencoded"})
+        self.assert_error(response, 400, starts="Bad Request - X-Consumer-ID")
+
+    def test_ack_non_uuid_event_id_is_400(self):
+        stream = fresh()
+        self.publish_ok(stream)
+        for event_id in ("123", "not-a-uuid", "0" * 32, str(uuid.uuid4()) + "0", "{%s}" % uuid.uuid4()):
+            with self.subTest(event_id=event_id):
+                self.assert_error(self.client.ack(stream, quote(event_id)), 400, starts="Bad Request - ")
+
+    def test_ack_unknown_stream_or_event_is_404(self):
+        stream, other = fresh(), fresh()
+        self.publish_ok(stream)
+        elsewhere = self.publish_ok(other)
+        self.assert_error(self.client.ack(fresh(), elsewhere), 404, starts="Not Found - ")
+        self.assert_error(self.client.ack(stream, elsewhere), 404, starts="Not Found - ")
+        self.assert_error(self.client.ack(stream, str(uuid.uuid4())), 404, starts="Not Found - ")
+
+
+# Conventions for every endpoint (SPEC 2) ######################################
+
+class ConventionsTest(ServerTest):
+
+    flags = ("--max-body", "2000")
+
+    def raw(self, data, read_until_close=False):
+        """Send raw bytes, return what the server answers (one response)."""
+        with socket.create_connection(("127.0.0.1", self.live.port), timeout=10) as sock:
+            sock.sendall(data)
+            return self._read_response(sock)
+
+    @staticmethod
+    def _read_response(sock):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+    def test_health_needs_no_auth(self):
+        response = self.client.request("GET", "/api/v1/health", auth=False)
+        self.assertEqual((response.status, response.json), (200, {"status": "OK"}))
+        self.assertEqual(response.headers["Content-Type"], "application/json; charset=utf-8")
+
+    def test_auth_is_required_everywhere_else(self):
+        stream = fresh()
+        self.publish_ok(stream)
+        bad_credentials = [None, basic(USER, "wrong"), basic("wrong", PASSWORD), basic(USER, PASSWORD + "x"),
+                           "Basic !!!notbase64", "Bearer " + PASSWORD, basic(USER, ""),
+                           "Basic " + base64.b64encode(USER.encode()).decode()]
+        requests = [("POST", f"/api/v1/streams/{stream}/events"),
+                    ("GET", f"/api/v1/streams/{stream}/events?eventName=OrderPlaced&limit=1"),
+                    ("POST", f"/api/v1/streams/{stream}/events/{uuid.uuid4()}")]
+        for credentials in bad_credentials:
+            for method, path in requests:
+                with self.subTest(credentials=credentials, path=path):
+                    response = self.client.request(method, path, auth=False,
+                                                   headers={"Authorization": credentials})
+                    self.assert_error(response, 401, "Unauthorized")
+                    self.assertEqual(response.headers["WWW-Authenticate"], 'Basic realm="eventserver"')
+        self.assertEqual(len(self.client.read(stream).json), 1)
+
+    def test_unknown_path_is_404_before_auth(self):
+        for path in ("/nope", "/api/v1", "/api/v1/streams", "/api/v1/streams/x", "/api/v2/health",
+                     "/api/v1/streams/x/events/y/z", "/api/v1/streams//events"):
+            with self.subTest(path=path):
+                self.assert_error(self.client.request("GET", path, auth=False), 404, "Not Found")
+
+    def test_wrong_method_is_405_with_allow_before_auth(self):
+        cases = [("DELETE", "/api/v1/streams/x/events", "GET, POST"),
+                 ("PUT", "/api/v1/health", "GET"),
+                 ("GET", f"/api/v1/streams/x/events/{uuid.uuid4()}", "POST"),
+                 ("PATCH", "/api/v1/streams/x/events", "GET, POST")]
+        for method, path, allow in cases:
+            with self.subTest(method=method, path=path):
+                response = self.client.request(method, path, auth=False)
+                self.assert_error(response, 405, "Method Not Allowed")
+                self.assertEqual(response.headers["Allow"], allow)
+
+    def test_auth_wins_over_size_and_bad_input(self):
+        response = self.client.request("POST", "/api/v1/streams/x/events", b"x" * 5000, auth=False,
+                                       headers={"Content-Type": "text/plain"})
+        self.assert_error(response, 401, "Unauthorized")
+
+    def test_body_over_limit_is_413_before_400(self):
+        stream = fresh()
+        response = self.client.request("POST", f"/api/v1/streams/{stream}/events", b"{" * 2001,
+                                       {"X-Producer-ID": "p", "Content-Type": "text/plain"})
+        self.assert_error(response, 413, "Payload Too Large - 2000")
+        self.assert_stream_absent(stream)
+        body = json.dumps(envelope(payload={"pad": ""}))
+        body = json.dumps(envelope(payload={"pad": "x" * (2000 - len(body))}))
+        self.assertEqual(len(body), 2000)
+        self.assertEqual(self.client.publish(stream, json.loads(body)).status, 200)
+
+    def test_body_over_limit_is_refused_without_reading_it(self):
+        # Headers promise 50 MB and no byte of it is sent: the 413 must come anyway.
+        head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: 50000000\r\n\r\n")
+        answer = self.raw(head.encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIn(b'"Payload Too Large - 2000"', answer)
+
+    def test_expect_100_continue_gets_413_instead_of_continue(self):
+        head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: 3000\r\n"
+                f"Expect: 100-continue\r\n\r\n")
+        answer = self.raw(head.encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+
+    def test_expect_100_continue_within_limit_continues(self):
+        stream = fresh()
+        body = json.dumps(envelope()).encode()
+        head = (f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: {len(body)}\r\n"
+                f"Expect: 100-continue\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", self.live.port), timeout=10) as sock:
+            sock.sendall(head.encode())
+            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            answer = self._read_response(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+
+    def test_chunked_body_is_411(self):
+        head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+                f"2\r\n{{}}\r\n0\r\n\r\n")
+        answer = self.raw(head.encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 411 "), answer)
+        self.assertIn(b'"Length Required"', answer)
+
+    def test_bad_content_length_is_400(self):
+        for length in ("-1", "abc", "1.5", "0x10"):
+            with self.subTest(length=length):
+                head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+                        f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: {length}\r\n\r\n")
+                answer = self.raw(head.encode())
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+                self.assertIn(b'"Bad Request', answer)
+        self.assert_stream_absent("x")
+
+    def test_garbage_request_lines_get_json_400_and_server_keeps_serving(self):
+        for garbage in (b"\x00\x01\x02\r\n\r\n", b"HELLO\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                        b"GET /api/v1/health HTTP/1.1 extra\r\n\r\n", b"\xff\xfe garbage \xfa\r\n\r\n"):
+            with self.subTest(garbage=garbage):
+                answer = self.raw(garbage)
+                self.assertRegex(answer, rb"^HTTP/1\.[01] (400|505) ")
+                self.assertIn(b"application/json", answer)
+        self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+
+    def test_stream_names_are_validated(self):
+        cases = {"too long": "n" * 256, "control": "a\x01b", "DEL": "a\x7fb", "C1 control": "a\x85b",
+                 "slash": "a/b", "newline": "a\nb"}
+        for label, name in cases.items():
+            with self.subTest(label):
+                self.assert_error(self.client.publish(name), 400, starts="Bad Request - stream name")
+                self.assert_error(self.client.read(name), 400, starts="Bad Request - stream name")
+        response = self.client.request("POST", "/api/v1/streams/%FF%FE/events", envelope(),
+                                       {"X-Producer-ID": "p"})
+        self.assert_error(response, 400, starts="Bad Request - ")
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        self.client.request("GET", "/api/v1/health")
+        sock = self.client.conn.sock
+        for _ in range(5):
+            self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+        self.assertIs(self.client.conn.sock, sock)
+
+    def test_error_responses_keep_the_connection_when_the_body_was_read(self):
+        self.client.request("GET", "/api/v1/health")
+        sock = self.client.conn.sock
+        self.assertEqual(self.client.publish(fresh(), {"no": "event"}).status, 400)
+        self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+        self.assertIs(self.client.conn.sock, sock)
+
+    def test_slow_and_idle_clients_do_not_block_others(self):
+        partial = [b"GET /api/v1/hea", b"POST /api/v1/streams/x/events HTTP/1.1\r\nContent-Length: 100\r\n\r\n{",
+                   b"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: x\r\n"]
+        sockets = []
+        try:
+            for index in range(60):
+                sock = socket.create_connection(("127.0.0.1", self.live.port), timeout=10)
+                sock.sendall(partial[index % len(partial)])
+                sockets.append(sock)
+            started = time.monotonic()
+            client = self.live.client()
+            self.assertEqual(client.request("GET", "/api/v1/health").status, 200)
+            stream = fresh()
+            self.assertEqual(client.publish(stream).status, 200)
+            self.assertLess(time.monotonic() - started, 5)
+            client.close()
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+class TimeoutTest(ServerTest):
+
+    flags = ("--timeout", "0.5")
+
+    def test_idle_and_half_sent_connections_are_closed_after_the_timeout(self):
+        for sent in (b"", b"GET /api/v1/health HTTP/1.1\r\nHost:"):
+            with self.subTest(sent=sent):
+                with socket.create_connection(("127.0.0.1", self.live.port), timeout=10) as sock:
+                    sock.sendall(sent)
+                    started = time.monotonic()
+                    self.assertEqual(sock.recv(100), b"")  # closed by the server
+                    self.assertLess(time.monotonic() - started, 5)
+
+
+class InternalErrorTest(ServerTest):
+
+    def test_internal_error_is_a_json_500_without_traceback_and_stores_nothing(self):
+        stream = fresh()
+        self.publish_ok(stream)
+        with sqlite3.connect(self.live.db) as conn:  # break the schema under the running server
+            conn.execute("ALTER TABLE daily_counts RENAME TO daily_counts_gone")
+        self.addCleanup(self._restore)
+        import logging
+        with self.assertLogs("eventserver", level="ERROR"):
+            response = self.client.publish(stream)
+        body = self.assert_error(response, 500, starts="Internal Server Error")
+        self.assertNotIn("Traceback", body)
+        self.assertEqual(len(self.client.read(stream).json), 1)
+        self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+        del logging
+
+    def _restore(self):
+        with sqlite3.connect(self.live.db) as conn:
+            conn.execute("ALTER TABLE daily_counts_gone RENAME TO daily_counts")
+
+
+class HealthFailureTest(ServerTest):
+
+    def test_health_is_503_when_the_database_does_not_answer(self):
+        self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+        os.rename(self.live.db, self.live.db + ".moved")  # gone from under the server
+        response = self.client.request("GET", "/api/v1/health", auth=False)
+        self.assertEqual(response.status, 503, response)
+        self.assertEqual(response.json["status"], "ERROR")
+        self.assertIn("removed", response.json["error"])
+        os.rename(self.live.db + ".moved", self.live.db)
+        self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+
+
+# Command line and process life (SPEC 1, 5) ####################################
+
+class Process:
+    """eventserver.py as a subprocess, as a user starts it."""
+
+    def __init__(self, *args, env=None, db=None):
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH_", "EVENTSERVER_"))}
+        self.env.update(env or {})
+        command = [sys.executable, SERVER, *args]
+        if db:
+            command += ["--db", db]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=self.env, text=True)
+        self.port = None
+
+    def wait_listening(self):
+        line = self.proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        if not match:
+            self.proc.kill()
+            raise AssertionError(f"no URL line: {line!r} {self.proc.stderr.read()!r}")
+        self.port = int(match.group(1))
+        return line
+
+    def finish(self, timeout=15):
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def stop(self):
+        """Kill it if it still runs, and close its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+class CommandLineTest(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.db = os.path.join(self.tmp.name, "events.db")
+
+    def start(self, *args, env=None):
+        process = Process("--port", "0", *args, env=env, db=self.db)
+        self.addCleanup(process.stop)
+        return process
+
+    def test_cli_prints_url_and_generated_password_once(self):
+        process = self.start()
+        line = process.wait_listening()
+        self.assertNotIn(":0/", line)
+        credentials = process.proc.stdout.readline()
+        match = re.search(r"user (\S+), password (\S+)", credentials)
+        self.assertIsNotNone(match, credentials)
+        user, password = match.groups()
+        self.assertGreaterEqual(len(password), 16)
+        client = Client(process.port)
+        response = client.request("GET", "/api/v1/streams/x/events?eventName=A&limit=1",
+                                  headers={"Authorization": basic(user, password), "X-Consumer-ID": "c"})
+        self.assertEqual(response.status, 404)  # authenticated: the stream just does not exist
+        self.assertEqual(client.request("GET", "/api/v1/streams/x/events?eventName=A&limit=1",
+                                        headers={"X-Consumer-ID": "c"}).status, 401)
+        client.close()
+        process.proc.send_signal(signal.SIGTERM)
+        code, out, _ = process.finish()
+        self.assertEqual(code, 0)
+        self.assertNotIn(password, out)
+        other = self.start()
+        other.wait_listening()
+        self.assertNotIn(password, other.proc.stdout.readline())  # a new one each start
+
+    def test_cli_reads_environment(self):
+        port = _free_port()
+        process = Process(env={"EVENTSERVER_PORT": str(port), "EVENTSERVER_DB": self.db,
+                               "AUTH_USER": "envuser", "AUTH_PASS": "envpass", "EVENTSERVER_SYNC": "normal"})
+        self.addCleanup(process.stop)
+        process.wait_listening()
+        self.assertEqual(process.port, port)
+        client = Client(port)
+        response = client.request("POST", "/api/v1/streams/s/events", envelope(),
+                                  {"Authorization": basic("envuser", "envpass"), "X-Producer-ID": "p"})
+        self.assertEqual(response.status, 200)
+        client.close()
+        process.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(process.finish()[0], 0)
+        self.assertTrue(os.path.exists(self.db))
+
+    def test_cli_flags_win_over_environment(self):
+        process = self.start("--user", "flaguser", "--password", "flagpass",
+                             env={"AUTH_USER": "envuser", "AUTH_PASS": "envpass", "EVENTSERVER_PORT": "1"})
+        process.wait_listening()
+        client = Client(process.port)
+        self.assertEqual(client.request("GET", "/api/v1/streams/x/events?eventName=A&limit=1",
+                                        headers={"Authorization": basic("flaguser", "flagpass"),
+                                                 "X-Consumer-ID": "c"}).status, 404)
+        client.close()
+
+    def assert_refused(self, *args, env=None, message=None):
+        process = Process(*args, env=env)
+        code, out, err = process.finish()
+        self.assertNotEqual(code, 0)
+        self.assertNotIn("Traceback", err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        self.assertEqual(len(lines), 1, err)
+        if message:
+            self.assertIn(message, lines[0])
+        return lines[0]
+
+    def test_cli_user_without_password_is_an_error(self):
+        self.assert_refused("--port", "0", "--db", self.db, "--user", "u", message="password")
+        self.assert_refused("--port", "0", "--db", self.db, "--password", "p", message="user")
+        self.assert_refused("--port", "0", "--db", self.db, env={"AUTH_USER": "u"}, message="password")
+
+    def test_cli_bad_flags_are_one_line_errors(self):
+        for args in (["--port", "abc"], ["--port", "70000"], ["--sync", "sometimes"], ["--bogus"],
+                     ["--max-body", "0"], ["--max-limit", "x"], ["stray"]):
+            with self.subTest(args=args):
+                self.assert_refused(*args, "--db", self.db)
+
+    def test_cli_port_in_use_is_a_one_line_error(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            self.assert_refused("--port", str(port), "--db", self.db, message="cannot listen")
+
+    def test_cli_database_that_is_not_sqlite_is_a_one_line_error(self):
+        with open(self.db, "wb") as garbage:
+            garbage.write(b"this is not a database, just some text\n" * 200)
+        self.assert_refused("--port", "0", "--db", self.db, message="database")
+        self.assert_refused("--port", "0", "--db", self.tmp.name, message="database")  # a folder
+        self.assert_refused("--port", "0", "--db", os.path.join(self.tmp.name, "no", "such", "dir.db"),
+                            message="database")
+
+    def test_cli_creates_schema_with_user_version_in_wal_mode(self):
+        process = self.start()
+        process.wait_listening()
+        with sqlite3.connect(self.db) as conn:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], eventserver.SCHEMA_VERSION)
+            self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+
+    def test_cli_sigterm_and_sigint_exit_0_and_data_survives(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=signum):
+                process = self.start("--user", USER, "--password", PASSWORD)
+                process.wait_listening()
+                client = Client(process.port)
+                event_id = client.publish(f"s{signum}").json
+                client.close()
+                process.proc.send_signal(signum)
+                code, _, err = process.finish()
+                self.assertEqual(code, 0, err)
+                self.assertNotIn("Traceback", err)
+                again = self.start("--user", USER, "--password", PASSWORD)
+                again.wait_listening()
+                client = Client(again.port)
+                self.assertEqual([e["eventId"] for e in client.read(f"s{signum}").json], [event_id])
+                client.close()
+                again.proc.send_signal(signal.SIGTERM)
+                self.assertEqual(again.finish()[0], 0)
+
+    def test_cli_shutdown_waits_for_in_flight_requests(self):
+        process = self.start("--user", USER, "--password", PASSWORD, "--quiet")
+        process.wait_listening()
+        stream = "slow"
+        client = Client(process.port)
+        client.publish(stream)
+        client.read(stream)
+        # a long-poll read is in flight; SIGTERM must answer it, then exit 0
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            with_client, process.port, lambda c: c.read(stream, "Other", extra="&wait=20"))
+        time.sleep(0.5)
+        started = time.monotonic()
+        process.proc.send_signal(signal.SIGTERM)
+        response = waiting.result(timeout=10)
+        self.assertEqual((response.status, response.json), (200, []))
+        self.assertEqual(process.finish()[0], 0)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_cli_client_disconnects_are_not_tracebacks(self):
+        process = self.start("--user", USER, "--password", PASSWORD)
+        process.wait_listening()
+        body = json.dumps(envelope()).encode()
+        for index in range(20):
+            sock = socket.create_connection(("127.0.0.1", process.port))
+            request = (f"POST /api/v1/streams/d/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+                       f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: {len(body)}\r\n\r\n")
+            sock.sendall(request.encode() + (body if index % 2 else body[:10]))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # RST on close
+            sock.close()
+        time.sleep(0.5)
+        client = Client(process.port)
+        self.assertEqual(client.request("GET", "/api/v1/health").status, 200)
+        client.close()
+        process.proc.send_signal(signal.SIGTERM)
+        code, _, err = process.finish()
+        self.assertEqual(code, 0)
+        self.assertNotIn("Traceback", err)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Data safety (SPEC 5) #########################################################
+
+class CrashTest(unittest.TestCase):
+
+    def test_kill_9_under_concurrent_publishing_loses_and_duplicates_nothing(self):
+        for sync in ("full", "normal"):
+            with self.subTest(sync=sync):
+                self._crash_and_check(sync)
+
+    def _crash_and_check(self, sync):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        db = os.path.join(tmp.name, "events.db")
+        args = ("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet", "--sync", sync)
+        process = Process(*args, db=db)
+        process.wait_listening()
+        acknowledged = []  # (stream, event_id) that got a 200
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def producer(index):
+            client = Client(process.port)
+            stream = f"crash-{index % 3}"
+            while not stop.is_set():
+                try:
+                    body = envelope("Tick") if index % 2 else [envelope("Tick"), envelope("Tock")]
+                    response = client.publish(stream, body, producer=f"owner-{index % 3}")
+                except (OSError, http.client.HTTPException):
+                    return
+                if response.status == 200:
+                    ids = response.json if isinstance(response.json, list) else [response.json]
+                    with lock:
+                        acknowledged.extend((stream, i) for i in ids)
+
+        threads = [threading.Thread(target=producer, args=(i,)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)
+        process.stop()  # kill -9
+        stop.set()
+        for thread in threads:
+            thread.join()
+        self.assertGreater(len(acknowledged), 50)
+
+        again = Process(*args, db=db)
+        again.wait_listening()
+        self.addCleanup(again.stop)
+        client = Client(again.port)
+        stored = {}
+        for stream in {s for s, _ in acknowledged}:
+            for name in ("Tick", "Tock"):
+                response = client.read(stream, name, limit=1000)
+                items = response.json if response.status == 200 else []
+                while items:
+                    for item in items:
+                        self.assertNotIn(item["eventId"], stored)  # no duplicates
+                        stored[item["eventId"]] = stream
+                        self.assertEqual(client.ack(stream, item["eventId"]).status, 200)  # no gaps
+                    items = client.read(stream, name, limit=1000).json
+        missing = [pair for pair in acknowledged if stored.get(pair[1]) != pair[0]]
+        self.assertEqual(missing, [])
+        client.close()
+        with sqlite3.connect(db) as conn:
+            self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+            for stream_id, name, count, top, events in conn.execute(
+                    "SELECT c.stream_id, c.event_name, c.count, max(e.sequence), count(e.event_pk)"
+                    " FROM event_counts c JOIN events e USING (stream_id, event_name)"
+                    " GROUP BY c.stream_id, c.event_name"):
+                self.assertEqual((count, top), (events, events), (stream_id, name))
+        again.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(again.finish()[0], 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
