@@ -687,6 +687,114 @@ class Store:
             " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at",
             (stream_id, event_name, consumer_id, offset, now))
 
+    # -- the Go server's other verbs ------------------------------------------
+
+    def seek(self, stream, consumer_id, event_name, offset):
+        """Set the consumer's offset for an event name (0 to that name's count)."""
+        now = utc_now()
+
+        def work(conn):
+            stream_id = self._stream_id(conn, stream)
+            count = self._event_count(conn, stream_id, event_name)
+            if offset > count:
+                raise bad_request(f"offset must be between 0 and {count}, the count of "
+                                  f"{event_name} events in stream {stream}")
+            self._set_offset(conn, stream_id, event_name, consumer_id, offset, now)
+
+        self._transact(work)
+
+    def _event_count(self, conn, stream_id, event_name):
+        row = conn.execute("SELECT count FROM event_counts WHERE stream_id = ? AND event_name = ?",
+                           (stream_id, event_name)).fetchone()
+        return row[0] if row else 0
+
+    def envelope(self, event_id):
+        """The stored JSON text of one event's envelope."""
+        with self._reading() as conn:
+            row = conn.execute("SELECT envelope FROM events WHERE event_id = ?", (event_id,)).fetchone()
+        if row is None:
+            raise not_found(f"event {event_id} not found")
+        return row[0]
+
+    def consumers(self, stream):
+        """Every consumer offset of a stream with the count of its event name,
+        by event name then consumer ID: (consumer, offset, moved_at, name, count)."""
+        with self._reading() as conn:
+            return conn.execute(
+                "SELECT o.consumer_id, o.consumer_offset, o.moved_at, o.event_name, coalesce(c.count, 0)"
+                " FROM consumer_offsets o LEFT JOIN event_counts c USING (stream_id, event_name)"
+                " WHERE o.stream_id = ? ORDER BY o.event_name, o.consumer_id",
+                (self._stream_id(conn, stream),)).fetchall()
+
+    def stream_totals(self):
+        """Every stream: (name, producer, events, sum of consumer offsets), by name."""
+        with self._reading() as conn:
+            return conn.execute(
+                "SELECT s.name, s.producer_id,"
+                " (SELECT coalesce(sum(count), 0) FROM event_counts c WHERE c.stream_id = s.stream_id),"
+                " (SELECT coalesce(sum(consumer_offset), 0) FROM consumer_offsets o"
+                "  WHERE o.stream_id = s.stream_id)"
+                " FROM streams s ORDER BY s.name").fetchall()
+
+    def all_offsets(self):
+        """Every consumer offset: (stream, consumer, event name, offset, count of that name)."""
+        with self._reading() as conn:
+            return conn.execute(
+                "SELECT s.name, o.consumer_id, o.event_name, o.consumer_offset, coalesce(c.count, 0)"
+                " FROM consumer_offsets o JOIN streams s USING (stream_id)"
+                " LEFT JOIN event_counts c USING (stream_id, event_name)"
+                " ORDER BY s.name, o.consumer_id, o.event_name").fetchall()
+
+    def daily_counts(self, first_day, last_day):
+        """{'YYYY-MM-DD': events stored that day (UTC)} for the days in range."""
+        with self._reading() as conn:
+            return dict(conn.execute("SELECT day, count FROM daily_counts WHERE day BETWEEN ? AND ?",
+                                     (first_day, last_day)))
+
+    def search(self, term, limit):
+        """What matches term: (category, label parts, kind of match), at most
+        limit per category. Contains ignores ASCII case (LIKE); equals is exact."""
+        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", term) + "%"
+        with self._reading() as conn:
+            pairs = conn.execute(
+                "SELECT s.name, c.event_name FROM event_counts c JOIN streams s USING (stream_id)"
+                " WHERE c.event_name LIKE ? ESCAPE '\\' ORDER BY s.name, c.event_name LIMIT ?",
+                (pattern, limit)).fetchall()
+            single = conn.execute(
+                "SELECT s.name, e.event_name, e.event_id FROM events e JOIN streams s USING (stream_id)"
+                " WHERE e.event_id = ?", (term,)).fetchall()
+            single += conn.execute(
+                "SELECT s.name, e.event_name, e.event_id FROM events e JOIN streams s USING (stream_id)"
+                " WHERE substr(e.envelope, e.payload_start, e.payload_size) LIKE ? ESCAPE '\\'"
+                " AND e.event_id != ? ORDER BY e.event_pk DESC LIMIT ?",
+                (pattern, term, max(0, limit - len(pairs) - len(single)))).fetchall()
+            streams = conn.execute(
+                "SELECT name, producer_id FROM streams WHERE name LIKE ? ESCAPE '\\' OR producer_id = ?"
+                " ORDER BY name LIMIT ?", (pattern, term, limit)).fetchall()
+            consumers = conn.execute(
+                "SELECT DISTINCT s.name, o.consumer_id FROM consumer_offsets o JOIN streams s USING (stream_id)"
+                " WHERE o.consumer_id = ? ORDER BY s.name LIMIT ?", (term, limit)).fetchall()
+        return pairs, single, streams, consumers
+
+    def events_since(self, stream, since, limit):
+        """The stream's newest events created at or after since, newest first,
+        each with the sorted IDs of the consumers past it:
+        (event_id, event_name, created_at, [consumer IDs])."""
+        with self._reading() as conn:
+            stream_id = self._stream_id(conn, stream)
+            events = conn.execute(
+                "SELECT event_id, event_name, sequence, created_at FROM events"
+                " WHERE stream_id = ? AND created_at >= ? ORDER BY created_at DESC, event_pk DESC LIMIT ?",
+                (stream_id, since, limit)).fetchall()
+            offsets = {}
+            for name, consumer, offset in conn.execute(
+                    "SELECT event_name, consumer_id, consumer_offset FROM consumer_offsets"
+                    " WHERE stream_id = ? ORDER BY consumer_id", (stream_id,)):
+                offsets.setdefault(name, []).append((consumer, offset))
+        return [(event_id, name, created_at,
+                 [consumer for consumer, offset in offsets.get(name, ()) if offset >= sequence])
+                for event_id, name, sequence, created_at in events]
+
     def health_problem(self):
         """Why the database does not answer, or None when it does."""
         try:
@@ -834,6 +942,150 @@ def ack(request):
     return json_reply("OK")
 
 
+# -- the Go server's other endpoints (SPEC 4) ----------------------------------
+
+def metrics(request):
+    store = request.app.store
+    streams = store.stream_totals()
+    offsets = store.all_offsets()
+    consumers = {}
+    for stream, consumer, *_ in offsets:
+        consumers.setdefault(stream, set()).add(consumer)
+    families = [
+        ("streams_total", "gauge", "Streams that have events.", [({}, len(streams))]),
+        ("events_total", "counter", "Events stored, per stream and its producer.",
+         [({"producerId": producer, "stream": stream}, events) for stream, producer, events, _ in streams]),
+        ("consumers_total", "gauge", "Consumers with an offset in the stream.",
+         [({"stream": stream}, len(consumers.get(stream, ()))) for stream, *_ in streams]),
+        ("consumer_offset", "gauge", "Sequence of the last event the consumer acknowledged.",
+         [({"stream": stream, "consumerId": consumer, "eventName": name}, offset)
+          for stream, consumer, name, offset, _ in offsets]),
+        ("consumer_lag", "gauge", "Events of that name the consumer has not acknowledged.",
+         [({"stream": stream, "consumerId": consumer, "eventName": name}, count - offset)
+          for stream, consumer, name, offset, count in offsets]),
+    ]
+    lines = []
+    for name, kind, text, samples in families:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            label_text = ",".join(f'{key}="{_label_value(text)}"' for key, text in labels.items())
+            lines.append(f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}")
+    return Reply(200, "\n".join(lines) + "\n", "text/plain; version=0.0.4; charset=utf-8")
+
+
+def _label_value(text):
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def consumers(request):
+    rows = request.app.store.consumers(request.stream())
+    return json_reply([{"consumerId": consumer, "offset": offset, "movedAt": moved_at, "eventName": name,
+                        "consumedPercentage": percentage(offset, count), "behind": count - offset}
+                       for consumer, offset, moved_at, name, count in rows])
+
+
+def percentage(part, whole):
+    """part / whole * 100, rounded half away from zero to 2 places; 0 when whole is 0."""
+    if whole <= 0:
+        return 0
+    hundredths = (part * 10000 * 2 + whole) // (2 * whole)  # exact integer rounding, half up
+    return hundredths / 100
+
+
+def events_per_stream(request):
+    ranked = sorted(request.app.store.stream_totals(), key=lambda row: (-row[2], row[0]))
+    return json_reply([{"label": stream, "value": events} for stream, _, events, _ in ranked[:10]])
+
+
+def stream_data(request):
+    streams = request.app.store.stream_totals()
+    largest = max((events for _, _, events, _ in streams), default=0)
+    return json_reply([{"streamName": stream, "eventsCount": events, "consumedEvents": consumed,
+                        "ranking": "\u272d" * -(-5 * events // largest) if largest else ""}
+                       for stream, _, events, consumed in streams])
+
+
+def events_current_month(request):
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    first = today.replace(day=1)
+    last = (first + datetime.timedelta(days=32)).replace(day=1) - datetime.timedelta(days=1)
+    counts = request.app.store.daily_counts(first.isoformat(), last.isoformat())
+    days, previous = [], None
+    for number in range(first.day, last.day + 1):
+        day = first.replace(day=number).isoformat()
+        count = counts.get(day, 0)
+        change = 0 if previous is None else count - previous
+        days.append({"date": day, "eventCount": count, "progress": f"{change:+d}" if change else ""})
+        previous = count
+    return json_reply(days)
+
+
+SEARCH_LIMIT = 100
+
+
+def search(request):
+    term = request.arg("_q")
+    if not term:
+        raise bad_request("_q is missing")
+    pairs, single, streams, consumers = request.app.store.search(term, SEARCH_LIMIT)
+    path = _url_part
+    results = [("events", f"{stream}/{name}", f"/admin/streams/{path(stream)}/events?eventName={path(name)}")
+               for stream, name in pairs]
+    results += [("events", f"{stream}/{name}", f"/admin/streams/{path(stream)}/events?eventId={event_id}")
+                for stream, name, event_id in single][:SEARCH_LIMIT - len(results)]
+    folded = _ascii_lower(term)
+    results += [("streams", stream,
+                 f"/admin/streams/{path(stream)}/events" if folded in _ascii_lower(stream)
+                 else f"/admin/streams?producerId={path(producer)}")
+                for stream, producer in streams]
+    results += [("consumers", f"{stream}/{consumer}",
+                 f"/admin/streams/{path(stream)}/consumers?consumerId={path(consumer)}")
+                for stream, consumer in consumers]
+    return json_reply([{"search_result": {"label": label, "category": category, "url": url}}
+                       for category, label, url in results])
+
+
+def _url_part(text):
+    return urllib.parse.quote(text, safe="")
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_lower(text):
+    return text.translate(_ASCII_LOWER)
+
+
+PERIODS = {"6hour": 6, "24hour": 24, "2day": 48, "7day": 7 * 24, "14day": 14 * 24, "1month": 30 * 24}
+PERIOD_LIMIT = 1000
+
+
+def event_period_search(request):
+    hours = PERIODS.get(request.arg("period"))
+    if hours is None:
+        raise bad_request("period is not supported or invalid")
+    stream = request.stream()
+    since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=hours)
+    rows = request.app.store.events_since(stream, since.isoformat(timespec="microseconds"), PERIOD_LIMIT)
+    return json_reply([{"eventId": event_id, "eventName": name, "createdAt": created_at,
+                        "consumerIds": consumer_ids}
+                       for event_id, name, created_at, consumer_ids in rows])
+
+
+def change_offset(request):
+    stream = request.stream()
+    consumer_id = check_client_id("consumer ID", request.params["consumer_id"])
+    event_name = check_name("event name", request.params["event_name"])
+    offset = check_count("offset", request.params["offset"], 0)
+    request.app.store.seek(stream, consumer_id, event_name, offset)
+    return json_reply(f"successfully updated offset to {offset} for consumer {consumer_id}")
+
+
+def event_payload(request):
+    return Reply(200, request.app.store.envelope(check_event_id(request.params["event_id"])))
+
+
 # -- routing ------------------------------------------------------------------
 
 ROUTES = [
@@ -841,6 +1093,17 @@ ROUTES = [
     ("POST", "/api/v1/streams/{stream}/events",              publish),
     ("GET",  "/api/v1/streams/{stream}/events",              read_events),
     ("POST", "/api/v1/streams/{stream}/events/{event_id}",   ack),
+    ("GET",  "/api/v1/metrics",                              metrics),
+    ("GET",  "/api/v1/consumers/{stream}",                   consumers),
+    ("GET",  "/api/v1/stats/events-per-stream",              events_per_stream),
+    ("GET",  "/api/v1/stats/stream-data",                    stream_data),
+    ("GET",  "/api/v1/stats/events-current-month",           events_current_month),
+    ("GET",  "/api/v1/search",                               search),
+    ("POST", "/api/v1/search",                               search),
+    ("GET",  "/api/v1/event-period-search/{stream}",         event_period_search),
+    ("POST", "/api/v1/event-period-search/{stream}",         event_period_search),
+    ("POST", "/api/v1/{stream}/{consumer_id}/{event_name}/change/{offset}", change_offset),
+    ("GET",  "/api/v1/events/{event_id}/payload",            event_payload),
 ]
 
 PUBLIC = {health}  # answered without credentials

@@ -6,6 +6,7 @@ using fresh stream names; tests of the command line, signals and crashes run
 the server as a subprocess."""
 
 import base64
+import calendar
 import concurrent.futures
 import http.client
 import json
@@ -833,6 +834,340 @@ class HealthFailureTest(ServerTest):
         self.assertIn("removed", response.json["error"])
         os.rename(self.live.db + ".moved", self.live.db)
         self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+
+
+# The Go server's other endpoints (SPEC 4) #####################################
+
+class FreshServerTest(ServerTest):
+    """Base: a new server and database for every test, for exact global figures."""
+
+    @classmethod
+    def setUpClass(cls):
+        pass
+
+    @classmethod
+    def tearDownClass(cls):
+        pass
+
+    def setUp(self):
+        self.live = LiveServer(*self.flags)
+        self.addCleanup(self.live.stop)
+        super().setUp()
+
+    def get(self, path, **kwargs):
+        response = self.client.request("GET", "/api/v1" + path, **kwargs)
+        return response
+
+    def get_json(self, path):
+        response = self.get(path)
+        self.assertEqual(response.status, 200, response)
+        self.assertEqual(response.headers["Content-Type"], "application/json; charset=utf-8")
+        return response.json
+
+    def seek(self, stream, consumer, name, offset):
+        return self.client.request(
+            "POST", f"/api/v1/{quote(stream)}/{quote(consumer)}/{quote(name)}/change/{offset}")
+
+
+class ParityAuthTest(ServerTest):
+
+    def test_every_parity_endpoint_needs_auth_and_knows_its_methods(self):
+        event_id = uuid.uuid4()
+        for method, path in [("GET", "/api/v1/metrics"), ("GET", "/api/v1/consumers/s"),
+                             ("GET", "/api/v1/stats/events-per-stream"), ("GET", "/api/v1/stats/stream-data"),
+                             ("GET", "/api/v1/stats/events-current-month"), ("GET", "/api/v1/search?_q=x"),
+                             ("POST", "/api/v1/search?_q=x"), ("GET", "/api/v1/event-period-search/s?period=6hour"),
+                             ("POST", "/api/v1/event-period-search/s?period=6hour"),
+                             ("POST", "/api/v1/s/c/e/change/0"), ("GET", f"/api/v1/events/{event_id}/payload")]:
+            with self.subTest(method=method, path=path):
+                self.assert_error(self.client.request(method, path, auth=False), 401, "Unauthorized")
+                self.assertEqual(self.client.request("DELETE", path, auth=False).status, 405)
+
+
+class MetricsTest(FreshServerTest):
+
+    def test_metrics_empty_database(self):
+        response = self.get("/metrics")
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+        text = response.body.decode()
+        for family, kind in [("streams_total", "gauge"), ("events_total", "counter"), ("consumers_total", "gauge"),
+                             ("consumer_offset", "gauge"), ("consumer_lag", "gauge")]:
+            self.assertIn(f"# HELP {family} ", text)
+            self.assertIn(f"# TYPE {family} {kind}\n", text)
+        self.assertIn("\nstreams_total 0\n", text)
+        self.assertTrue(text.endswith("\n"))
+
+    def test_metrics_values_and_escaped_labels(self):
+        weird = 'we"ird\\name'
+        self.publish_ok("orders", [envelope("A"), envelope("A"), envelope("B")], producer="p1")
+        self.publish_ok(weird, envelope('Na"me'), producer='pro"d\\')
+        ids = [e["eventId"] for e in self.client.read("orders", "A", consumer="c1").json]
+        self.assertEqual(self.client.ack("orders", ids[0], consumer="c1").status, 200)
+        self.assertEqual(self.seek(weird, 'c"2\\', 'Na"me', 1).status, 200)
+        samples = _parse_prometheus(self.get("/metrics").body.decode())
+        self.assertEqual(samples[("streams_total", ())], 2)
+        self.assertEqual(samples[("events_total", (("producerId", "p1"), ("stream", "orders")))], 3)
+        self.assertEqual(samples[("events_total", (("producerId", 'pro"d\\'), ("stream", weird)))], 1)
+        self.assertEqual(samples[("consumers_total", (("stream", "orders"),))], 1)
+        self.assertEqual(samples[("consumers_total", (("stream", weird),))], 1)
+        key = (("stream", "orders"), ("consumerId", "c1"), ("eventName", "A"))
+        self.assertEqual(samples[("consumer_offset", key)], 1)
+        self.assertEqual(samples[("consumer_lag", key)], 1)
+        key = (("stream", weird), ("consumerId", 'c"2\\'), ("eventName", 'Na"me'))
+        self.assertEqual(samples[("consumer_offset", key)], 1)
+        self.assertEqual(samples[("consumer_lag", key)], 0)
+        self.assertEqual(len(samples), 9)
+
+
+def _parse_prometheus(text):
+    """{(family, ((label, value), ...)): number}, undoing the format's escapes strictly."""
+    samples = {}
+    line_pattern = re.compile(r'([a-z_]+)(?:\{(.*)\})? (-?\d+)\Z')
+    label_pattern = re.compile(r'([A-Za-z_]+)="((?:[^"\\\n]|\\[\\"n])*)"(,|\Z)')
+    for line in text.split("\n"):
+        if not line or line.startswith("#"):
+            continue
+        match = line_pattern.match(line)
+        assert match, line
+        family, label_text, value = match.groups()
+        labels, position = [], 0
+        while label_text and position < len(label_text):
+            label = label_pattern.match(label_text, position)
+            assert label, (line, position)
+            raw = label.group(2)
+            unescaped = re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), raw)
+            labels.append((label.group(1), unescaped))
+            position = label.end()
+        samples[(family, tuple(labels))] = int(value)
+    return samples
+
+
+class ConsumersTest(FreshServerTest):
+
+    def test_consumers_lists_offsets_ordered_with_percentages(self):
+        self.publish_ok("orders", [envelope("B")] * 3 + [envelope("A")] * 7)
+        before = eventserver.utc_now()
+        for consumer, name, offset in [("zed", "A", 7), ("amy", "A", 1), ("bob", "B", 2), ("amy", "B", 0)]:
+            self.assertEqual(self.seek("orders", consumer, name, offset).status, 200)
+        rows = self.get_json("/consumers/orders")
+        self.assertEqual([(r["eventName"], r["consumerId"], r["offset"], r["consumedPercentage"], r["behind"])
+                          for r in rows],
+                         [("A", "amy", 1, 14.29, 6), ("A", "zed", 7, 100, 0),
+                          ("B", "amy", 0, 0, 3), ("B", "bob", 2, 66.67, 1)])
+        self.assertEqual(list(rows[0]), ["consumerId", "offset", "movedAt", "eventName",
+                                         "consumedPercentage", "behind"])
+        for row in rows:
+            self.assertRegex(row["movedAt"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
+            self.assertGreaterEqual(row["movedAt"], before)
+
+    def test_consumers_percentage_rounds_half_away_from_zero(self):
+        self.assertEqual(eventserver.percentage(1, 8), 12.5)
+        self.assertEqual(eventserver.percentage(1, 16), 6.25)
+        self.assertEqual(eventserver.percentage(1, 32), 3.13)  # 3.125 rounds up, not to even
+        self.assertEqual(eventserver.percentage(5, 8000), 0.06)  # 0.0625
+        self.assertEqual(eventserver.percentage(2, 3), 66.67)
+        self.assertEqual(eventserver.percentage(0, 0), 0)
+        self.publish_ok("s", [envelope("A")] * 32)
+        self.assertEqual(self.seek("s", "c", "A", 1).status, 200)
+        self.assertEqual(self.get_json("/consumers/s")[0]["consumedPercentage"], 3.13)
+
+    def test_consumers_empty_and_unknown_streams(self):
+        self.publish_ok("quiet")
+        self.assertEqual(self.get_json("/consumers/quiet"), [])
+        self.assert_error(self.get("/consumers/nope"), 404, "Not Found - stream nope not found")
+        self.assert_error(self.get("/consumers/a%01b"), 400, starts="Bad Request - ")
+
+
+class StatsTest(FreshServerTest):
+
+    def test_stats_empty_database(self):
+        self.assertEqual(self.get_json("/stats/events-per-stream"), [])
+        self.assertEqual(self.get_json("/stats/stream-data"), [])
+        days = self.get_json("/stats/events-current-month")
+        self.assertTrue(all(d["eventCount"] == 0 and d["progress"] == "" for d in days))
+
+    def test_stats_events_per_stream_top_ten_most_first(self):
+        for index in range(12):
+            self.publish_ok(f"s{index:02d}", [envelope("A")] * (index + 1) + [envelope("B")])
+        rows = self.get_json("/stats/events-per-stream")
+        self.assertEqual(rows, [{"label": f"s{i:02d}", "value": i + 2} for i in range(11, 1, -1)])
+
+    def test_stats_stream_data_counts_consumed_and_ranking(self):
+        self.publish_ok("big", [envelope("A")] * 10)
+        self.publish_ok("mid", [envelope("A")] * 5 + [envelope("B")])
+        self.publish_ok("tiny", envelope("A"))
+        self.assertEqual(self.seek("big", "c1", "A", 4).status, 200)
+        self.assertEqual(self.seek("big", "c2", "A", 10).status, 200)
+        self.assertEqual(self.seek("mid", "c1", "B", 1).status, 200)
+        rows = self.get_json("/stats/stream-data")
+        self.assertEqual(rows, [
+            {"streamName": "big", "eventsCount": 10, "consumedEvents": 14, "ranking": "✭✭✭✭✭"},
+            {"streamName": "mid", "eventsCount": 6, "consumedEvents": 1, "ranking": "✭✭✭"},
+            {"streamName": "tiny", "eventsCount": 1, "consumedEvents": 0, "ranking": "✭"},
+        ])
+
+    def test_stats_events_current_month_one_row_per_day_with_progress(self):
+        today = eventserver.utc_now()[:10]
+        year, month, today_number = int(today[:4]), int(today[5:7]), int(today[8:])
+        days_in_month = calendar.monthrange(year, month)[1]
+        self.publish_ok("s", [envelope("A")] * 3)
+        # other days of the month, as the running server would have counted them
+        other_days = [day for day in range(1, days_in_month + 1) if day != today_number][:3]
+        counts = dict(zip(other_days, (5, 2, 2)))
+        counts[today_number] = 3
+        with sqlite3.connect(self.live.db) as conn:
+            conn.executemany("INSERT INTO daily_counts (day, count) VALUES (?, ?)",
+                             [(f"{today[:8]}{day:02d}", count) for day, count in counts.items() if day != today_number]
+                             + [(f"{year - 1}-{month:02d}-{today_number:02d}", 99)])
+        rows = self.get_json("/stats/events-current-month")
+        self.assertEqual([r["date"] for r in rows], [f"{today[:8]}{day:02d}" for day in range(1, days_in_month + 1)])
+        self.assertEqual([r["eventCount"] for r in rows], [counts.get(day, 0) for day in range(1, days_in_month + 1)])
+        self.assertEqual(rows[0]["progress"], "")
+        for before, row in zip(rows, rows[1:]):
+            change = row["eventCount"] - before["eventCount"]
+            self.assertEqual(row["progress"], "" if change == 0 else f"{change:+d}")
+        self.assertTrue(any(r["progress"].startswith("-") for r in rows))
+
+
+class SearchTest(FreshServerTest):
+
+    def results(self, term, method="GET"):
+        response = self.client.request(method, "/api/v1/search?" + urllib.parse.urlencode({"_q": term}))
+        self.assertEqual(response.status, 200, response)
+        return [(r["search_result"]["category"], r["search_result"]["label"], r["search_result"]["url"])
+                for r in response.json]
+
+    def test_search_finds_events_streams_and_consumers(self):
+        order_id = self.publish_ok("Orders EU", envelope("OrderPlaced", payload={"sku": "XK-42"}), producer="shop-1")
+        self.publish_ok("Orders EU", envelope("OrderShipped"), producer="shop-1")
+        self.publish_ok("billing", envelope("Invoice", system={"note": "xk-42 in system only"}), producer="acct")
+        self.assertEqual(self.client.ack("Orders EU", order_id, consumer="mailer").status, 200)
+        self.assertEqual(self.results("order"), [
+            ("events", "Orders EU/OrderPlaced", "/admin/streams/Orders%20EU/events?eventName=OrderPlaced"),
+            ("events", "Orders EU/OrderShipped", "/admin/streams/Orders%20EU/events?eventName=OrderShipped"),
+            ("streams", "Orders EU", "/admin/streams/Orders%20EU/events"),
+        ])
+        self.assertEqual(self.results("xk-42"), [
+            ("events", "Orders EU/OrderPlaced", f"/admin/streams/Orders%20EU/events?eventId={order_id}")])
+        self.assertEqual(self.results(order_id), [
+            ("events", "Orders EU/OrderPlaced", f"/admin/streams/Orders%20EU/events?eventId={order_id}")])
+        self.assertEqual(self.results("shop-1"), [("streams", "Orders EU", "/admin/streams?producerId=shop-1")])
+        self.assertEqual(self.results("SHOP-1"), [])  # equals is exact
+        self.assertEqual(self.results("mailer", "POST"), [
+            ("consumers", "Orders EU/mailer", "/admin/streams/Orders%20EU/consumers?consumerId=mailer")])
+        self.assertEqual(self.results("nothing-like-it"), [])
+
+    def test_search_contains_folds_ascii_case_only_and_wildcards_are_literal(self):
+        self.publish_ok("ÄRGER-stream", envelope("Ünïcode"))
+        self.publish_ok("per%cent_x", envelope("A"))
+        self.assertEqual([label for _, label, _ in self.results("stream")], ["ÄRGER-stream"])
+        self.assertEqual([label for _, label, _ in self.results("ärger")], [])  # not ASCII: case matters
+        self.assertEqual([label for _, label, _ in self.results("%c")], ["per%cent_x"])
+        self.assertEqual([label for _, label, _ in self.results("t_x")], ["per%cent_x"])
+        self.assertEqual(self.results("_"), [("streams", "per%cent_x", "/admin/streams/per%25cent_x/events")])
+
+    def test_search_caps_each_category_at_100(self):
+        self.publish_ok("many", [envelope(f"Name{i:03d}", payload={"k": "needle"}) for i in range(120)])
+        found = self.results("needle")
+        self.assertEqual(len(found), 100)
+        self.assertEqual(len(self.results("name")), 100)
+
+    def test_search_needs_a_term(self):
+        for path in ("/api/v1/search", "/api/v1/search?_q=", "/api/v1/search?q=x"):
+            with self.subTest(path=path):
+                self.assert_error(self.client.request("GET", path), 400, starts="Bad Request - ")
+
+    def test_search_empty_database(self):
+        self.assertEqual(self.results("anything"), [])
+
+
+class PeriodSearchTest(FreshServerTest):
+
+    def test_period_search_newest_first_with_consumers_past_each_event(self):
+        ids = [self.publish_ok("s", envelope("A")) for _ in range(3)]
+        other = self.publish_ok("s", envelope("B"))
+        self.assertEqual(self.seek("s", "zeta", "A", 2).status, 200)
+        self.assertEqual(self.seek("s", "alpha", "A", 3).status, 200)
+        self.assertEqual(self.seek("s", "beta", "B", 1).status, 200)
+        for period in ("6hour", "24hour", "2day", "7day", "14day", "1month"):
+            for method in ("GET", "POST"):
+                with self.subTest(period=period, method=method):
+                    response = self.client.request(method, f"/api/v1/event-period-search/s?period={period}")
+                    self.assertEqual(response.status, 200, response)
+                    rows = response.json
+                    self.assertEqual([r["eventId"] for r in rows], [other, *reversed(ids)])
+                    self.assertEqual([r["consumerIds"] for r in rows],
+                                     [["beta"], ["alpha"], ["alpha", "zeta"], ["alpha", "zeta"]])
+                    self.assertEqual(list(rows[0]), ["eventId", "eventName", "createdAt", "consumerIds"])
+                    self.assertEqual(rows[0]["eventName"], "B")
+                    self.assertRegex(rows[0]["createdAt"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
+
+    def test_period_search_excludes_older_events_and_stops_at_1000(self):
+        self.publish_ok("s", [envelope("A")] * 1000)
+        self.publish_ok("s", [envelope("A")] * 5)
+        with sqlite3.connect(self.live.db) as conn:  # age three events by 3 days
+            conn.execute("UPDATE events SET created_at = '2000-01-01T00:00:00.000000+00:00'"
+                         " WHERE event_pk IN (SELECT event_pk FROM events ORDER BY event_pk DESC LIMIT 3)")
+        self.assertEqual(len(self.get_json("/event-period-search/s?period=1month")), 1000)
+        self.publish_ok("t", envelope("A"))
+        with sqlite3.connect(self.live.db) as conn:
+            conn.execute("UPDATE events SET created_at = ? WHERE event_id = (SELECT max(event_id) FROM events"
+                         " JOIN streams USING (stream_id) WHERE name = 't')",
+                         (eventserver.utc_now().replace(eventserver.utc_now()[:4], "2001"),))
+        self.assertEqual(self.get_json("/event-period-search/t?period=1month"), [])
+
+    def test_period_search_errors(self):
+        self.publish_ok("s")
+        for period in ("", "1hour", "6HOUR", "30day"):
+            with self.subTest(period=period):
+                self.assert_error(self.get(f"/event-period-search/s?period={period}"), 400,
+                                  "Bad Request - period is not supported or invalid")
+        self.assert_error(self.get("/event-period-search/s"), 400, "Bad Request - period is not supported or invalid")
+        self.assert_error(self.get("/event-period-search/nope?period=6hour"), 404, "Not Found - stream nope not found")
+
+
+class SeekTest(FreshServerTest):
+
+    def test_seek_sets_and_creates_offsets(self):
+        self.publish_ok("s", [envelope("A")] * 3)
+        response = self.seek("s", "c1", "A", 2)
+        self.assertEqual((response.status, response.json), (200, "successfully updated offset to 2 for consumer c1"))
+        self.assertEqual(len(self.client.read("s", "A", consumer="c1").json), 1)
+        self.assertEqual(self.seek("s", "c1", "A", 0).status, 200)  # back to the start
+        self.assertEqual(len(self.client.read("s", "A", consumer="c1").json), 3)
+        self.assertEqual(self.seek("s", "c1", "A", 3).status, 200)
+        self.assertEqual(self.client.read("s", "A", consumer="c1").json, [])
+
+    def test_seek_rejects_out_of_range_and_bad_input(self):
+        self.publish_ok("s", [envelope("A")] * 3)
+        for offset in ("4", "-1", "x", "1.0"):
+            with self.subTest(offset=offset):
+                self.assert_error(self.seek("s", "c1", "A", offset), 400, starts="Bad Request - ")
+        self.assert_error(self.seek("s", "c1", "NoSuchName", 1), 400, starts="Bad Request - ")
+        self.assertEqual(self.seek("s", "c1", "NoSuchName", 0).status, 200)
+        self.assert_error(self.seek("s", "bad\tid", "A", 1), 400, starts="Bad Request - ")
+        self.assert_error(self.seek("nope", "c1", "A", 0), 404, "Not Found - stream nope not found")
+        self.assertEqual([r["offset"] for r in self.get_json("/consumers/s")], [0])
+
+    def test_seek_with_names_that_need_escaping(self):
+        self.publish_ok("a b/c?"[:3] + "%", envelope("E v"))
+        response = self.seek("a b%", "c/1?", "E v", 1)
+        self.assertEqual(response.status, 200, response)
+        self.assertEqual(response.json, "successfully updated offset to 1 for consumer c/1?")
+
+
+class PayloadTest(FreshServerTest):
+
+    def test_payload_returns_the_stored_envelope(self):
+        sent = envelope("A", payload={"x": [1, 2]}, extra="kept")
+        event_id = self.publish_ok("s", sent)
+        self.assertEqual(self.get_json(f"/events/{event_id}/payload"), sent)
+        self.assertEqual(self.get_json(f"/events/{event_id.upper()}/payload"), sent)
+
+    def test_payload_errors(self):
+        self.assert_error(self.get("/events/not-a-uuid/payload"), 400, starts="Bad Request - ")
+        self.assert_error(self.get(f"/events/{uuid.uuid4()}/payload"), 404, starts="Not Found - ")
 
 
 # Command line and process life (SPEC 1, 5) ####################################
