@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import datetime
 import decimal
+import hashlib
 import hmac
 import http.server
 import json
@@ -30,9 +31,12 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import sqlite3
+import ssl
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -199,8 +203,8 @@ def check_name(what, value):
     return value
 
 
-def check_client_id(what, value):
-    """A producer or consumer ID: 1-255 printable code points."""
+def check_token(what, value):
+    """A producer ID, consumer ID or idempotency key: 1-255 printable code points."""
     if not value:
         raise bad_request(f"{what} is missing")
     if len(value) > MAX_NAME or not value.isprintable():
@@ -246,14 +250,19 @@ def parse_json(body, content_type):
             raise bad_request("charset must be utf-8")
     if not body:
         raise bad_request("body is empty")
+    return decode_json(body, "body")
+
+
+def decode_json(data, what):
+    """Strict JSON from UTF-8 bytes: no NaN or Infinity, no float overflow."""
     try:
-        text = body.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise bad_request("body is not valid UTF-8") from None
+        raise bad_request(f"{what} is not valid UTF-8") from None
     try:
         return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        raise bad_request("body is not valid JSON") from None
+        raise bad_request(f"{what} is not valid JSON") from None
 
 
 def compact_json(value):
@@ -373,6 +382,14 @@ MIGRATIONS = [
         PRIMARY KEY (stream_id, event_name, consumer_id)
     ) WITHOUT ROWID;
     CREATE INDEX consumer_offsets_by_consumer ON consumer_offsets (consumer_id);
+    -- publish retries: the IDs first stored under a key, and a hash of the envelopes
+    CREATE TABLE idempotency_keys (
+        stream_id   INTEGER NOT NULL REFERENCES streams,
+        key         TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        event_ids   TEXT NOT NULL,
+        PRIMARY KEY (stream_id, key)
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -542,52 +559,88 @@ class Store:
 
     # -- the core verbs -------------------------------------------------------
 
-    def publish(self, stream, producer_id, envelopes):
+    def publish(self, stream, producer_id, envelopes, idempotency_key=None):
         """Store envelopes in order, all or none; return their new event IDs.
-        The first producer of a stream owns it; another gets a 423."""
+        The first producer of a stream owns it; another gets a 423. A retry
+        with a known idempotency key and the same envelopes stores nothing and
+        returns the first IDs; with other envelopes it is a 409."""
         now = utc_now()
-        event_ids = [str(uuid.uuid4()) for _ in envelopes]
+        stream_id, event_ids = self._transact(
+            lambda conn: self._publish_in(conn, stream, producer_id, envelopes, idempotency_key, now))
+        self._stream_ids[stream] = stream_id
+        self._wake(stream_id, {envelope.name for envelope in envelopes})
+        return event_ids
+
+    def publish_fixtures(self, fixtures):
+        """Publish (stream, producer_id, Envelope) records in one transaction,
+        all or none; only into a database without streams. Returns how many."""
+        now = utc_now()
 
         def work(conn):
-            row = conn.execute("SELECT stream_id, producer_id FROM streams WHERE name = ?",
-                               (stream,)).fetchone()
-            if row is None:
-                stream_id = conn.execute(
-                    "INSERT INTO streams (name, producer_id, created_at) VALUES (?, ?, ?)",
-                    (stream, producer_id, now)).lastrowid
-            elif row[1] != producer_id:
-                raise HTTPError(423, "Second writers not allowed")
-            else:
-                stream_id = row[0]
-            counts = {}
-            for envelope in envelopes:
-                if envelope.name not in counts:
-                    found = conn.execute(
-                        "SELECT count FROM event_counts WHERE stream_id = ? AND event_name = ?",
-                        (stream_id, envelope.name)).fetchone()
-                    counts[envelope.name] = found[0] if found else 0
-            rows = []
-            for event_id, envelope in zip(event_ids, envelopes):
-                counts[envelope.name] += 1
-                rows.append((event_id, stream_id, envelope.name, counts[envelope.name],
-                             envelope.text, *envelope.payload_span, now))
-            conn.executemany(
-                "INSERT INTO events (event_id, stream_id, event_name, sequence, envelope,"
-                " payload_start, payload_size, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            conn.executemany(
-                "INSERT INTO event_counts (stream_id, event_name, count) VALUES (?, ?, ?)"
-                " ON CONFLICT (stream_id, event_name) DO UPDATE SET count = excluded.count",
-                [(stream_id, name, count) for name, count in counts.items()])
-            conn.execute(
-                "INSERT INTO daily_counts (day, count) VALUES (?, ?)"
-                " ON CONFLICT (day) DO UPDATE SET count = count + excluded.count",
-                (now[:10], len(rows)))
-            return stream_id, list(counts)
+            if conn.execute("SELECT 1 FROM streams LIMIT 1").fetchone():
+                return 0
+            for stream, producer_id, envelope in fixtures:
+                self._publish_in(conn, stream, producer_id, [envelope], None, now)
+            return len(fixtures)
 
-        stream_id, names = self._transact(work)
-        self._stream_ids[stream] = stream_id
-        self._wake(stream_id, names)
-        return event_ids
+        return self._transact(work)
+
+    def _publish_in(self, conn, stream, producer_id, envelopes, idempotency_key, now):
+        row = conn.execute("SELECT stream_id, producer_id FROM streams WHERE name = ?", (stream,)).fetchone()
+        if row is None:
+            stream_id = self._create_stream(conn, stream, producer_id, now)
+        elif row[1] != producer_id:
+            raise HTTPError(423, "Second writers not allowed")
+        else:
+            stream_id = row[0]
+        events = [(str(uuid.uuid4()), envelope, now) for envelope in envelopes]
+        event_ids = [event_id for event_id, _, _ in events]
+        if idempotency_key is not None:
+            fingerprint = hashlib.sha256("\n".join(e.text for e in envelopes).encode()).hexdigest()
+            known = conn.execute(
+                "SELECT fingerprint, event_ids FROM idempotency_keys WHERE stream_id = ? AND key = ?",
+                (stream_id, idempotency_key)).fetchone()
+            if known is not None:
+                if known[0] != fingerprint:
+                    raise HTTPError(409, f"idempotency key {idempotency_key} was used for other events")
+                return stream_id, known[1].split(",")
+            self._remember_key(conn, stream_id, idempotency_key, fingerprint, event_ids)
+        self._append(conn, stream_id, events)
+        return stream_id, event_ids
+
+    def _remember_key(self, conn, stream_id, key, fingerprint, event_ids):
+        conn.execute("INSERT INTO idempotency_keys (stream_id, key, fingerprint, event_ids) VALUES (?, ?, ?, ?)",
+                     (stream_id, key, fingerprint, ",".join(event_ids)))
+
+    def _create_stream(self, conn, name, producer_id, created_at):
+        return conn.execute("INSERT INTO streams (name, producer_id, created_at) VALUES (?, ?, ?)",
+                            (name, producer_id, created_at)).lastrowid
+
+    def _append(self, conn, stream_id, events):
+        """Insert (event_id, Envelope, created_at) in order, each with the next
+        sequence of its name; keep the counts. Returns the sequences."""
+        counts = {}
+        for _, envelope, _ in events:
+            if envelope.name not in counts:
+                counts[envelope.name] = self._event_count(conn, stream_id, envelope.name)
+        rows, days, sequences = [], {}, []
+        for event_id, envelope, created_at in events:
+            counts[envelope.name] += 1
+            sequences.append(counts[envelope.name])
+            rows.append((event_id, stream_id, envelope.name, counts[envelope.name],
+                         envelope.text, *envelope.payload_span, created_at))
+            days[created_at[:10]] = days.get(created_at[:10], 0) + 1
+        conn.executemany(
+            "INSERT INTO events (event_id, stream_id, event_name, sequence, envelope,"
+            " payload_start, payload_size, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany(
+            "INSERT INTO event_counts (stream_id, event_name, count) VALUES (?, ?, ?)"
+            " ON CONFLICT (stream_id, event_name) DO UPDATE SET count = excluded.count",
+            [(stream_id, name, count) for name, count in counts.items()])
+        conn.executemany(
+            "INSERT INTO daily_counts (day, count) VALUES (?, ?)"
+            " ON CONFLICT (day) DO UPDATE SET count = count + excluded.count", days.items())
+        return sequences
 
     def read(self, stream, event_name, consumer_id, limit):
         """The JSON text of up to limit events of that name past the
@@ -795,6 +848,98 @@ class Store:
                  [consumer for consumer, offset in offsets.get(name, ()) if offset >= sequence])
                 for event_id, name, sequence, created_at in events]
 
+    # -- moving whole databases -----------------------------------------------
+
+    def export(self, out):
+        """Write every stream, event, consumer offset and idempotency key as
+        NDJSON lines to the text stream out, from one consistent snapshot."""
+        def line(record, envelope=None):
+            text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+            out.write(text[:-1] + ',"envelope":' + envelope + "}\n" if envelope else text + "\n")
+
+        with self._reading() as conn:
+            for name, producer_id, created_at in conn.execute(
+                    "SELECT name, producer_id, created_at FROM streams ORDER BY stream_id"):
+                line({"type": "stream", "stream": name, "producerId": producer_id, "createdAt": created_at})
+            for name, event_id, event_name, sequence, created_at, envelope in conn.execute(
+                    "SELECT s.name, e.event_id, e.event_name, e.sequence, e.created_at, e.envelope"
+                    " FROM events e JOIN streams s USING (stream_id) ORDER BY e.event_pk"):
+                line({"type": "event", "stream": name, "eventId": event_id, "eventName": event_name,
+                      "sequence": sequence, "createdAt": created_at}, envelope)
+            for name, consumer_id, event_name, offset, moved_at in conn.execute(
+                    "SELECT s.name, o.consumer_id, o.event_name, o.consumer_offset, o.moved_at"
+                    " FROM consumer_offsets o JOIN streams s USING (stream_id)"
+                    " ORDER BY o.stream_id, o.event_name, o.consumer_id"):
+                line({"type": "offset", "stream": name, "consumerId": consumer_id, "eventName": event_name,
+                      "offset": offset, "movedAt": moved_at})
+            for name, key, fingerprint, event_ids in conn.execute(
+                    "SELECT s.name, k.key, k.fingerprint, k.event_ids"
+                    " FROM idempotency_keys k JOIN streams s USING (stream_id) ORDER BY k.stream_id, k.key"):
+                line({"type": "idempotencyKey", "stream": name, "key": key, "fingerprint": fingerprint,
+                      "eventIds": event_ids.split(",")})
+
+    def import_records(self, lines):
+        """Load what export wrote into this empty database, exactly, in one
+        transaction; a bad line (LoadError names it) changes nothing."""
+        def work(conn):
+            if conn.execute("SELECT 1 FROM streams LIMIT 1").fetchone():
+                raise LoadError(0, "the database is not empty")
+            stream_ids = {}
+            for number, raw in enumerate(lines, 1):
+                if raw.strip():
+                    try:
+                        self._import_line(conn, stream_ids, decode_json(raw, "line"))
+                    except HTTPError as error:
+                        raise LoadError(number, error.text.partition(" - ")[2] or error.text) from None
+                    except (KeyError, TypeError, AttributeError, ValueError) as error:
+                        raise LoadError(number, f"malformed record ({error!r})") from None
+            return len(stream_ids)
+
+        return self._transact(work)
+
+    def _import_line(self, conn, stream_ids, record):
+        kind = record["type"]
+        if kind == "stream":
+            name = check_name("stream", record["stream"])
+            if name in stream_ids:
+                raise bad_request(f"stream {name} appears twice")
+            stream_ids[name] = self._create_stream(
+                conn, name, check_token("producerId", record["producerId"]), _time(record["createdAt"]))
+            return
+        stream_id = stream_ids.get(record["stream"])
+        if stream_id is None:
+            raise bad_request(f"stream {record['stream']} has no stream line before it")
+        if kind == "event":
+            envelope = Envelope(record["envelope"])
+            if envelope.name != record["eventName"]:
+                raise bad_request("eventName is not the envelope's event.name")
+            event = (check_event_id(record["eventId"]), envelope, _time(record["createdAt"]))
+            if self._append(conn, stream_id, [event]) != [record["sequence"]]:
+                raise bad_request(f"sequence {record['sequence']} is not the next of {envelope.name}")
+        elif kind == "offset":
+            event_name = check_name("eventName", record["eventName"])
+            offset = record["offset"]
+            if type(offset) is not int or not 0 <= offset <= self._event_count(conn, stream_id, event_name):
+                raise bad_request(f"offset {offset!r} is out of range")
+            self._set_offset(conn, stream_id, event_name, check_token("consumerId", record["consumerId"]),
+                             offset, _time(record["movedAt"]))
+        elif kind == "idempotencyKey":
+            event_ids = [check_event_id(event_id) for event_id in record["eventIds"]]
+            self._remember_key(conn, stream_id, check_token("key", record["key"]),
+                               str(record["fingerprint"]), event_ids)
+        else:
+            raise bad_request(f"unknown record type {kind!r}")
+
+    def backup(self, target):
+        """Copy the database, consistently even while it is written, to the file target."""
+        with self._reading() as conn:
+            conn.execute("COMMIT")  # the backup API takes its own snapshot
+            destination = sqlite3.connect(target)
+            try:
+                conn.backup(destination)
+            finally:
+                destination.close()
+
     def health_problem(self):
         """Why the database does not answer, or None when it does."""
         try:
@@ -807,6 +952,23 @@ class Store:
         except (sqlite3.Error, HTTPError) as error:
             return f"the database does not answer: {error}"
         return None
+
+
+class LoadError(Exception):
+    """A line of an import that cannot be loaded (number 0: the whole import)."""
+
+    def __init__(self, number, reason):
+        super().__init__(f"line {number}: {reason}" if number else reason)
+
+
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00\Z")
+
+
+def _time(value):
+    """A time as the API writes it (checked, since counts per day use its date)."""
+    if not isinstance(value, str) or not _TIME.match(value):
+        raise bad_request(f"time {value!r} is not like 2019-10-30T09:21:26.664704+00:00")
+    return value
 
 
 def _file_identity(path):
@@ -850,15 +1012,25 @@ class Request:
         return values[0] if values else None
 
     def producer_id(self):
-        self.client_id = check_client_id("X-Producer-ID", self.header("X-Producer-ID"))
+        self.client_id = check_token("X-Producer-ID", self.header("X-Producer-ID"))
         return self.client_id
 
     def consumer_id(self):
-        self.client_id = check_client_id("X-Consumer-ID", self.header("X-Consumer-ID"))
+        self.client_id = check_token("X-Consumer-ID", self.header("X-Consumer-ID"))
         return self.client_id
+
+    def idempotency_key(self):
+        """The publish's idempotency key, under any of its accepted names, or None."""
+        for name in IDEMPOTENCY_HEADERS:
+            if name in self.headers:
+                return check_token(name, self.header(name))
+        return None
 
     def stream(self, key="stream"):
         return check_name("stream name", self.params[key])
+
+
+IDEMPOTENCY_HEADERS = ("Idempotency-Key", "ES-EventId", "Nats-Msg-Id")
 
 
 class Reply:
@@ -891,8 +1063,9 @@ def health(request):
 def publish(request):
     producer_id = request.producer_id()
     stream = request.stream()
+    key = request.idempotency_key()
     body = parse_json(request.body, request.headers.get("Content-Type"))
-    event_ids = request.app.store.publish(stream, producer_id, parse_envelopes(body))
+    event_ids = request.app.store.publish(stream, producer_id, parse_envelopes(body), key)
     return json_reply(event_ids if isinstance(body, list) else event_ids[0])
 
 
@@ -911,13 +1084,14 @@ def read_events(request):
 
 
 def _wait_seconds(text, maximum):
+    """wait=: seconds, 0 or more; above maximum it is lowered to it."""
     try:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not 0 <= seconds <= maximum:
-        raise bad_request(f"wait must be a number of seconds from 0 to {maximum:g}")
-    return seconds
+    if not seconds >= 0:  # also NaN
+        raise bad_request("wait must be a number of seconds, 0 or more")
+    return min(seconds, maximum)
 
 
 def ack(request):
@@ -1075,7 +1249,7 @@ def event_period_search(request):
 
 def change_offset(request):
     stream = request.stream()
-    consumer_id = check_client_id("consumer ID", request.params["consumer_id"])
+    consumer_id = check_token("consumer ID", request.params["consumer_id"])
     event_name = check_name("event name", request.params["event_name"])
     offset = check_count("offset", request.params["offset"], 0)
     request.app.store.seek(stream, consumer_id, event_name, offset)
@@ -1208,6 +1382,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if name.startswith("do_"):  # every method goes through the router: 404/405, never 501
             return self._dispatch
         raise AttributeError(name)
+
+    def setup(self):
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
 
     def handle_expect_100(self):
         return True  # "100 Continue" is sent only once routing, auth and the size check pass
@@ -1344,49 +1523,149 @@ class Server(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError)):
-            return  # a client that went away is not the server's error
+        if isinstance(error, (ConnectionError, TimeoutError, ssl.SSLError)):
+            return  # a client that went away, or spoke no TLS, is not the server's error
         log.error("error serving %s", client_address[0], exc_info=True)
 
 
 def make_server(config, store):
-    """A Server for config, bound and listening (OSError when the port is taken)."""
-    return Server((config.host, config.port), App(config, store))
+    """A Server for config, bound and listening (OSError when the port is
+    taken, ConfigError when the certificate cannot be loaded)."""
+    server = Server((config.host, config.port), App(config, store))
+    if config.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(config.certfile, config.keyfile)
+        except (OSError, ssl.SSLError) as error:
+            server.server_close()
+            raise ConfigError(f"cannot load --certfile/--keyfile: {error}") from None
+        # The handshake happens in the connection's thread (Handler.setup), not in the accept loop.
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    return server
 
 
 # Command line ################################################################
 
 def serve(config):
     """Run the server until SIGINT or SIGTERM; return the exit code."""
-    try:
-        store = Store(config.db, config.sync)
-    except StoreError as error:
-        print(f"eventserver: {error}", file=sys.stderr)
-        return 1
-    try:
-        server = make_server(config, store)
-    except OSError as error:
+    with _database_file(config.db) as path:
+        try:
+            store = Store(path, config.sync)
+        except StoreError as error:
+            print(f"eventserver: {error}", file=sys.stderr)
+            return 1
+        try:
+            if config.fixtures:
+                load_fixtures(store, config.fixtures)
+            server = make_server(config, store)
+        except (ConfigError, OSError) as error:
+            store.close()
+            print(f"eventserver: {_one_line(error, config)}", file=sys.stderr)
+            return 1
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        host, port = server.server_address[:2]
+        scheme = "https" if config.certfile else "http"
+        print(f"eventserver {__version__} listening on {scheme}://{_url_host(host)}:{port}/", flush=True)
+        if config.password_generated:
+            print(f"no credentials configured: user {config.user}, password {config.password}", flush=True)
+        threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+        while not stop.wait(1.0):
+            pass
+        server.shutdown()  # no new connections
+        server.server_close()
+        server.app.drain(timeout=config.timeout or 30)  # in-flight requests finish
         store.close()
-        print(f"eventserver: cannot listen on {config.host}:{config.port}: "
-              f"{error.strerror or error}", file=sys.stderr)
-        return 1
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    host, port = server.server_address[:2]
-    scheme = "http"
-    print(f"eventserver {__version__} listening on {scheme}://{_url_host(host)}:{port}/", flush=True)
-    if config.password_generated:
-        print(f"no credentials configured: user {config.user}, password {config.password}", flush=True)
-    thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
-    thread.start()
-    while not stop.wait(1.0):
-        pass
-    server.shutdown()  # no new connections
-    server.server_close()
-    server.app.drain(timeout=config.timeout or 30)  # in-flight requests finish
-    store.close()
+        return 0
+
+
+def _one_line(error, config):
+    if isinstance(error, ConfigError) or not isinstance(error, OSError):
+        return str(error)
+    return f"cannot listen on {config.host}:{config.port}: {error.strerror or error}"
+
+
+@contextlib.contextmanager
+def _database_file(path):
+    """The database path; for ':memory:' a temporary file, removed at exit
+    (readers need their own connections, which a real in-memory database
+    cannot give)."""
+    if path != ":memory:":
+        yield path
+        return
+    folder = tempfile.mkdtemp(prefix="eventserver-")
+    try:
+        yield os.path.join(folder, "memory.db")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_fixtures(store, filename):
+    """Publish an NDJSON file of {"stream", "producerId", "envelope"} lines,
+    all or none, into a database that has no streams yet."""
+    fixtures = []
+    try:
+        with open(filename, "rb") as lines:
+            for number, raw in enumerate(lines, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = decode_json(raw, "line")
+                    if not isinstance(record, dict):
+                        raise bad_request("line is not a JSON object")
+                    fixtures.append((check_name("stream", record.get("stream")),
+                                     check_token("producerId", record.get("producerId")),
+                                     Envelope(record.get("envelope"), "envelope: ")))
+                except HTTPError as error:
+                    raise ConfigError(f"fixtures {filename} line {number}: "
+                                      f"{error.text.partition(' - ')[2]}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read fixtures {filename}: {error.strerror or error}") from None
+    try:
+        loaded = store.publish_fixtures(fixtures)
+    except HTTPError as error:
+        raise ConfigError(f"fixtures {filename}: {error.text}") from None
+    if not loaded and fixtures:
+        log.info("fixtures %s not loaded: the database already has streams", filename)
+
+
+def run_tool(command, argv, environ):
+    """export, import and backup: one database in, NDJSON or a copy out."""
+    parser = _ArgumentParser(prog=f"eventserver.py {command}", description=TOOLS[command])
+    parser.add_argument("--db", default=environ.get("EVENTSERVER_DB") or "eventserver.db",
+                        help="SQLite file (env EVENTSERVER_DB, default eventserver.db)")
+    if command == "backup":
+        parser.add_argument("out", help="file to write the copy to")
+    args = parser.parse_args(argv)
+    if command != "import" and not os.path.isfile(args.db):
+        raise ConfigError(f"no database file {args.db}")
+    try:
+        store = Store(args.db)
+    except StoreError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        if command == "export":
+            store.export(sys.stdout)
+            sys.stdout.flush()
+        elif command == "import":
+            store.import_records(sys.stdin.buffer)
+        else:
+            store.backup(args.out)
+    except LoadError as error:
+        raise ConfigError(f"import: {error}") from None
+    except (HTTPError, sqlite3.Error, OSError) as error:
+        raise ConfigError(f"{command}: {error}") from None
+    finally:
+        store.close()
     return 0
+
+
+TOOLS = {
+    "export": "Write every stream's events, consumer offsets and idempotency keys as NDJSON to stdout.",
+    "import": "Read what export wrote from stdin into an empty database, exactly.",
+    "backup": "Copy a database, consistently even while a server writes to it, to OUT.",
+}
 
 
 def _url_host(host):
@@ -1395,12 +1674,14 @@ def _url_host(host):
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv, os.environ)
+        if argv and argv[0] in TOOLS:
+            return run_tool(argv[0], argv[1:], os.environ)
+        return serve(parse_config(argv, os.environ))
     except ConfigError as error:
         print(f"eventserver: {error}", file=sys.stderr)
         return 2
-    return serve(config)
 
 
 if __name__ == "__main__":

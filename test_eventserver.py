@@ -12,8 +12,10 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import sqlite3
 import subprocess
 import sys
@@ -1168,6 +1170,402 @@ class PayloadTest(FreshServerTest):
     def test_payload_errors(self):
         self.assert_error(self.get("/events/not-a-uuid/payload"), 400, starts="Bad Request - ")
         self.assert_error(self.get(f"/events/{uuid.uuid4()}/payload"), 404, starts="Not Found - ")
+
+
+# Long-poll reads (issue 5) ####################################################
+
+class LongPollTest(ServerTest):
+
+    flags = ("--max-wait", "3")
+
+    def test_long_poll_answers_as_soon_as_an_event_is_committed(self):
+        stream = fresh()
+        self.publish_ok(stream, envelope("Other"))
+        pending = concurrent.futures.ThreadPoolExecutor(1)
+        started = time.monotonic()
+        waiting = pending.submit(with_client, self.live.port, lambda c: c.read(stream, "A", extra="&wait=3"))
+        time.sleep(0.3)
+        self.assertFalse(waiting.done())
+        self.publish_ok(stream, envelope("Other"))  # another name does not wake it
+        time.sleep(0.2)
+        self.assertFalse(waiting.done())
+        event_id = self.publish_ok(stream, envelope("A"))
+        response = waiting.result(timeout=5)
+        self.assertLess(time.monotonic() - started, 2.5)
+        self.assertEqual([e["eventId"] for e in response.json], [event_id])
+        pending.shutdown()
+
+    def test_long_poll_times_out_with_empty_list(self):
+        stream = fresh()
+        self.publish_ok(stream)
+        self.assertEqual(self.client.ack(stream, self.client.read(stream).json[0]["eventId"]).status, 200)
+        started = time.monotonic()
+        response = self.client.read(stream, extra="&wait=0.5")
+        self.assertEqual((response.status, response.json), (200, []))
+        self.assertGreaterEqual(time.monotonic() - started, 0.45)
+
+    def test_long_poll_returns_at_once_when_events_are_there(self):
+        stream = fresh()
+        event_id = self.publish_ok(stream)
+        started = time.monotonic()
+        self.assertEqual([e["eventId"] for e in self.client.read(stream, extra="&wait=3").json], [event_id])
+        self.assertLess(time.monotonic() - started, 1)
+
+    def test_long_poll_wait_above_maximum_is_lowered(self):
+        stream = fresh()
+        self.publish_ok(stream, envelope("Other"))
+        started = time.monotonic()
+        self.assertEqual(self.client.read(stream, "A", extra="&wait=1000").json, [])
+        self.assertLess(time.monotonic() - started, 6)
+        self.assertGreaterEqual(time.monotonic() - started, 2.9)
+
+    def test_long_poll_bad_wait_is_400(self):
+        stream = fresh()
+        self.publish_ok(stream)
+        for wait in ("-1", "soon", "", "nan"):
+            with self.subTest(wait=wait):
+                self.assert_error(self.client.read(stream, extra=f"&wait={wait}"), 400, starts="Bad Request - wait")
+
+    def test_long_poll_waiters_do_not_hold_the_write_lock(self):
+        stream = fresh()
+        self.publish_ok(stream, envelope("Other"))
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            waiting = [pool.submit(with_client, self.live.port,
+                                   lambda c: c.read(stream, "A", extra="&wait=3")) for _ in range(20)]
+            time.sleep(0.3)
+            started = time.monotonic()
+            for _ in range(10):
+                self.publish_ok(stream, envelope("Other"))
+            self.assertLess(time.monotonic() - started, 2)
+            self.publish_ok(stream, envelope("A"))
+            self.assertTrue(all(len(w.result(timeout=5).json) == 1 for w in waiting))
+
+
+# Idempotent publish (issue 5) #################################################
+
+class IdempotencyTest(ServerTest):
+
+    def publish_with_key(self, stream, body, key, header="Idempotency-Key"):
+        return self.client.publish(stream, body, headers={header: key})
+
+    def test_retry_with_same_key_and_body_returns_original_id_and_stores_nothing(self):
+        stream = fresh()
+        first = self.publish_with_key(stream, envelope(), "order-42")
+        self.assertEqual(first.status, 200)
+        for header in ("Idempotency-Key", "ES-EventId", "Nats-Msg-Id"):
+            with self.subTest(header=header):
+                again = self.publish_with_key(stream, envelope(), "order-42", header)
+                self.assertEqual((again.status, again.json), (200, first.json))
+        self.assertEqual(len(self.client.read(stream).json), 1)
+
+    def test_same_key_with_other_body_is_409(self):
+        stream = fresh()
+        self.assertEqual(self.publish_with_key(stream, envelope(payload={"n": 1}), "k").status, 200)
+        self.assert_error(self.publish_with_key(stream, envelope(payload={"n": 2}), "k"), 409, starts="Conflict - ")
+        self.assertEqual(len(self.client.read(stream).json), 1)
+
+    def test_keys_are_per_stream_and_batches_return_all_ids(self):
+        stream, other = fresh(), fresh()
+        batch = [envelope(payload={"n": n}) for n in range(3)]
+        ids = self.publish_with_key(stream, batch, "k").json
+        self.assertEqual(len(ids), 3)
+        self.assertEqual(self.publish_with_key(stream, batch, "k").json, ids)
+        self.assertNotEqual(self.publish_with_key(other, batch, "k").json, ids)
+        self.assertEqual(len(self.client.read(stream).json), 3)
+        self.assertEqual(len(self.client.read(other).json), 3)
+
+    def test_racing_retries_with_one_key_store_exactly_one_event(self):
+        stream = fresh()
+        self.publish_ok(stream, envelope("Warmup"))
+        barrier = threading.Barrier(10)
+
+        def retry(_):
+            client = self.live.client()
+            try:
+                client.request("GET", "/api/v1/health")
+                barrier.wait()
+                return client.publish(stream, envelope(), headers={"Idempotency-Key": "same"})
+            finally:
+                client.close()
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            responses = list(pool.map(retry, range(10)))
+        self.assertEqual({r.status for r in responses}, {200})
+        self.assertEqual(len({r.json for r in responses}), 1)
+        self.assertEqual(len(self.client.read(stream).json), 1)
+
+    def test_bad_keys_are_400(self):
+        for key in ("", "x" * 256, "tab\there"):
+            with self.subTest(key=key[:10]):
+                stream = fresh()
+                self.assert_error(self.publish_with_key(stream, envelope(), key), 400,
+                                  starts="Bad Request - Idempotency-Key")
+                self.assert_stream_absent(stream)
+
+    def test_key_survives_a_restart(self):
+        # remembered in the database, not in memory: checked by a second server on the same file
+        stream = fresh()
+        first = self.publish_with_key(stream, envelope(), "durable").json
+        store = eventserver.Store(self.live.db)
+        try:
+            again = store.publish(stream, "producer-1", [eventserver.Envelope(envelope())], "durable")
+        finally:
+            store.close()
+        self.assertEqual(again, [first])
+
+
+# Fixtures, throwaway databases, export, import, backup (issue 5) ###############
+
+def _run_tool(*args, stdin=None):
+    return subprocess.run([sys.executable, SERVER, *args], input=stdin, capture_output=True, timeout=60)
+
+
+class ToolsTest(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.path = lambda name: os.path.join(self.tmp.name, name)
+
+    def start(self, *args):
+        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, *args)
+        self.addCleanup(process.stop)
+        process.wait_listening()
+        return process
+
+    def write_fixtures(self, lines):
+        with open(self.path("fixtures.ndjson"), "w", encoding="utf-8") as out:
+            out.write("\n".join(json.dumps(line) for line in lines) + "\n")
+        return self.path("fixtures.ndjson")
+
+    def test_memory_database_is_a_temporary_file_removed_at_exit(self):
+        before = set(os.listdir(tempfile.gettempdir()))
+        process = self.start("--db", ":memory:", "--quiet")
+        client = Client(process.port)
+        self.assertEqual(client.publish("s").status, 200)
+        self.assertEqual(len(client.read("s").json), 1)
+        created = set(os.listdir(tempfile.gettempdir())) - before
+        self.assertTrue(any(name.startswith("eventserver-") for name in created), created)
+        client.close()
+        process.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(process.finish()[0], 0)
+        self.assertFalse(os.path.exists(":memory:"))
+        left = {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("eventserver-")}
+        self.assertEqual(left, set())
+
+    def test_fixtures_are_loaded_at_start_once(self):
+        fixtures = self.write_fixtures([
+            {"stream": "orders", "producerId": "shop", "envelope": envelope("OrderPlaced", payload={"n": 1})},
+            {"stream": "orders", "producerId": "shop", "envelope": envelope("OrderPlaced", payload={"n": 2})},
+            {"stream": "billing", "producerId": "acct", "envelope": envelope("Invoice")},
+        ])
+        db = self.path("f.db")
+        for _ in range(2):  # the second start finds streams and leaves them alone
+            process = self.start("--db", db, "--fixtures", fixtures, "--quiet")
+            client = Client(process.port)
+            self.assertEqual([e["payload"]["n"] for e in client.read("orders").json], [1, 2])
+            self.assertEqual(len(client.read("billing", "Invoice").json), 1)
+            self.assertEqual(client.publish("orders", producer="intruder").status, 423)
+            client.close()
+            process.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(process.finish()[0], 0)
+
+    def test_bad_fixtures_are_a_one_line_start_up_error_and_load_nothing(self):
+        cases = [
+            ([{"stream": "s", "producerId": "p", "envelope": envelope()}, {"stream": "s", "producerId": "p"}],
+             "line 2"),
+            ([{"stream": "s", "producerId": "p", "envelope": envelope()},
+              {"stream": "s", "producerId": "other", "envelope": envelope()}], "Locked"),
+            (["not an object"], "line 1"),
+        ]
+        for lines, message in cases:
+            with self.subTest(message=message):
+                db = self.path(f"bad-{message}.db")
+                process = Process("--port", "0", "--user", USER, "--password", PASSWORD,
+                                  "--fixtures", self.write_fixtures(lines), db=db)
+                code, _, err = process.finish()
+                self.assertNotEqual(code, 0)
+                self.assertIn(message, err)
+                self.assertNotIn("Traceback", err)
+                self.assertEqual(_count_rows(db, "events"), 0)
+        process = Process("--port", "0", "--fixtures", self.path("missing.ndjson"), db=self.path("m.db"))
+        code, _, err = process.finish()
+        self.assertNotEqual(code, 0)
+        self.assertIn("cannot read fixtures", err)
+
+    def _populated(self):
+        db = self.path("source.db")
+        process = self.start("--db", db, "--quiet")
+        client = Client(process.port)
+        ids = client.publish("orders", [envelope("A", payload={"ü": "✓", "n": n}) for n in range(5)]).json
+        client.publish("orders", envelope("B"), headers={"Idempotency-Key": "k-1"})
+        client.publish('we"ird\\', envelope("A"), producer="p2")
+        client.ack("orders", ids[0], consumer="c1")
+        client.ack("orders", ids[1], consumer="c1")
+        client.ack("orders", ids[0], consumer="c2")
+        client.close()
+        return db, process, ids
+
+    def test_export_import_round_trip_is_exact(self):
+        db, process, ids = self._populated()
+        exported = _run_tool("export", "--db", db)  # from a live database
+        self.assertEqual(exported.returncode, 0, exported.stderr)
+        lines = [json.loads(line) for line in exported.stdout.decode().splitlines()]
+        self.assertEqual([line["type"] for line in lines],
+                         ["stream"] * 2 + ["event"] * 7 + ["offset"] * 2 + ["idempotencyKey"])
+        self.assertEqual([line["eventId"] for line in lines if line["type"] == "event"][:5], ids)
+        self.assertEqual(lines[2]["envelope"]["payload"], {"ü": "✓", "n": 0})
+        self.assertEqual(lines[2]["sequence"], 1)
+        copy = self.path("copy.db")
+        imported = _run_tool("import", "--db", copy, stdin=exported.stdout)
+        self.assertEqual(imported.returncode, 0, imported.stderr)
+        again = _run_tool("export", "--db", copy)
+        self.assertEqual(again.stdout, exported.stdout)
+        # the copy serves the same state: offsets, owners and idempotency keys
+        served = self.start("--db", copy, "--quiet")
+        client = Client(served.port)
+        self.assertEqual([e["eventId"] for e in client.read("orders", "A", consumer="c1").json], ids[2:])
+        self.assertEqual(client.publish("orders", producer="intruder").status, 423)
+        retry = client.publish("orders", envelope("B"), headers={"Idempotency-Key": "k-1"})
+        self.assertEqual(retry.json, [line for line in lines if line["type"] == "idempotencyKey"][0]["eventIds"][0])
+        client.close()
+
+    def test_import_refuses_a_non_empty_database_and_bad_lines_change_nothing(self):
+        db, _, _ = self._populated()
+        exported = _run_tool("export", "--db", db).stdout
+        refused = _run_tool("import", "--db", db, stdin=exported)
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn(b"not empty", refused.stderr)
+        lines = exported.decode().splitlines()
+        broken = [lines[:3] + ["{oops"] + lines[3:], lines[:2] + [lines[3]] + [lines[2]] + lines[4:],
+                  [lines[2]] + lines]
+        for number, text in enumerate(broken):
+            with self.subTest(case=number):
+                target = self.path(f"broken-{number}.db")
+                result = _run_tool("import", "--db", target, stdin=("\n".join(text) + "\n").encode())
+                self.assertNotEqual(result.returncode, 0)
+                self.assertIn(b"line ", result.stderr)
+                self.assertNotIn(b"Traceback", result.stderr)
+                self.assertEqual(_count_rows(target, "events"), 0)
+
+    def test_backup_copies_a_live_database(self):
+        db, process, ids = self._populated()
+        client = Client(process.port)
+        stop = threading.Event()
+
+        def keep_writing():
+            while not stop.is_set():
+                client.publish("orders", envelope("C"))
+
+        writer = threading.Thread(target=keep_writing)
+        writer.start()
+        try:
+            result = _run_tool("backup", "--db", db, self.path("backup.db"))
+        finally:
+            stop.set()
+            writer.join()
+            client.close()
+        self.assertEqual(result.returncode, 0, result.stderr)
+        with sqlite3.connect(self.path("backup.db")) as conn:
+            self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+            counted = dict(conn.execute("SELECT event_name, sum(count) FROM event_counts GROUP BY event_name"))
+            stored = dict(conn.execute("SELECT event_name, count(*) FROM events GROUP BY event_name"))
+        self.assertEqual(counted, stored)
+        self.assertEqual(stored["A"], 6)
+
+    def test_tools_report_missing_databases_in_one_line(self):
+        for args in (("export", "--db", self.path("nope.db")), ("backup", "--db", self.path("nope.db"), "x")):
+            with self.subTest(args=args[0]):
+                result = _run_tool(*args)
+                self.assertNotEqual(result.returncode, 0)
+                self.assertEqual(len(result.stderr.decode().strip().splitlines()), 1, result.stderr)
+
+
+def _count_rows(db, table):
+    if not os.path.exists(db):
+        return 0
+    with sqlite3.connect(db) as conn:
+        try:
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+# Operations: access log, HTTPS (issue 5) ######################################
+
+class OperationsTest(unittest.TestCase):
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def test_access_log_has_one_line_per_request_and_quiet_silences_it(self):
+        for quiet in (False, True):
+            with self.subTest(quiet=quiet):
+                process = Process("--port", "0", "--user", USER, "--password", PASSWORD,
+                                  *(["--quiet"] if quiet else []), db=os.path.join(self.tmp.name, f"{quiet}.db"))
+                self.addCleanup(process.stop)
+                process.wait_listening()
+                client = Client(process.port)
+                client.publish("logged", producer="prod-7")
+                client.read("logged", consumer="cons-9")
+                client.request("GET", "/nope")
+                client.close()
+                process.proc.send_signal(signal.SIGTERM)
+                _, _, err = process.finish()
+                lines = [line for line in err.splitlines() if "/api/v1" in line or "/nope" in line]
+                if quiet:
+                    self.assertEqual(lines, [])
+                    continue
+                self.assertEqual(len(lines), 3, err)
+                self.assertRegex(lines[0], r"POST /api/v1/streams/logged/events 200 \d+ \d+\.\dms prod-7$")
+                self.assertRegex(lines[1], r"GET /api/v1/streams/logged/events\?\S+ 200 \d+ \d+\.\dms cons-9$")
+                self.assertRegex(lines[2], r"GET /nope 404 11 \d+\.\dms -$")
+
+    def test_https_with_certfile_and_keyfile(self):
+        if not shutil.which("openssl"):
+            self.skipTest("openssl is not installed: cannot make a throwaway certificate")
+        cert, key = os.path.join(self.tmp.name, "cert.pem"), os.path.join(self.tmp.name, "key.pem")
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                               "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert],
+                              capture_output=True, timeout=60)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet",
+                          "--certfile", cert, "--keyfile", key, db=os.path.join(self.tmp.name, "tls.db"))
+        self.addCleanup(process.stop)
+        line = process.proc.stdout.readline()
+        self.assertIn("https://127.0.0.1:", line)
+        port = int(re.search(r":(\d+)/", line).group(1))
+        context = ssl.create_default_context(cafile=cert)
+        context.check_hostname = False
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        conn.request("POST", "/api/v1/streams/tls/events", json.dumps(envelope()),
+                     {"Authorization": basic(), "Content-Type": "application/json", "X-Producer-ID": "p"})
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertRegex(json.loads(response.read()), UUID_LOWER)
+        conn.close()
+        # plain HTTP to the TLS port is refused without disturbing the server
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(100)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+        conn.request("GET", "/api/v1/health")
+        self.assertEqual(conn.getresponse().status, 200)
+        conn.close()
+        process.proc.send_signal(signal.SIGTERM)
+        code, _, err = process.finish()
+        self.assertEqual(code, 0)
+        self.assertNotIn("Traceback", err)
+
+    def test_certfile_without_keyfile_or_unreadable_is_an_error(self):
+        db = os.path.join(self.tmp.name, "x.db")
+        for args in (["--certfile", "c.pem"], ["--certfile", "/nonexistent.pem", "--keyfile", "/nonexistent.key"]):
+            with self.subTest(args=args):
+                code, _, err = Process("--port", "0", *args, db=db).finish()
+                self.assertNotEqual(code, 0)
+                self.assertNotIn("Traceback", err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
 
 
 # Command line and process life (SPEC 1, 5) ####################################
