@@ -19,6 +19,7 @@ on the wire, so bind to loopback (the default) or serve HTTPS with
 import argparse
 import base64
 import binascii
+import collections
 import contextlib
 import datetime
 import decimal
@@ -392,6 +393,14 @@ MIGRATIONS = [
     ) WITHOUT ROWID;
     """,
 ]
+
+
+StreamTotals = collections.namedtuple(
+    "StreamTotals", "name producer_id created_at events consumed consumers lag",
+    module=__name__)
+StreamTotals.__doc__ = """A stream's owner and figures: events stored, the sum of its consumer
+offsets (consumed), distinct consumers, and lag (events its consumers have
+not acknowledged, summed over their offsets)."""
 
 
 class StoreError(Exception):
@@ -780,14 +789,17 @@ class Store:
                 (self._stream_id(conn, stream),)).fetchall()
 
     def stream_totals(self):
-        """Every stream: (name, producer, events, sum of consumer offsets), by name."""
+        """Every stream's StreamTotals, by name."""
         with self._reading() as conn:
-            return conn.execute(
-                "SELECT s.name, s.producer_id,"
+            return [StreamTotals(*row) for row in conn.execute(
+                "SELECT s.name, s.producer_id, s.created_at,"
                 " (SELECT coalesce(sum(count), 0) FROM event_counts c WHERE c.stream_id = s.stream_id),"
                 " (SELECT coalesce(sum(consumer_offset), 0) FROM consumer_offsets o"
-                "  WHERE o.stream_id = s.stream_id)"
-                " FROM streams s ORDER BY s.name").fetchall()
+                "  WHERE o.stream_id = s.stream_id),"
+                " (SELECT count(DISTINCT consumer_id) FROM consumer_offsets o WHERE o.stream_id = s.stream_id),"
+                " (SELECT coalesce(sum(coalesce(c.count, 0) - o.consumer_offset), 0) FROM consumer_offsets o"
+                "  LEFT JOIN event_counts c USING (stream_id, event_name) WHERE o.stream_id = s.stream_id)"
+                " FROM streams s ORDER BY s.name")]
 
     def all_offsets(self):
         """Every consumer offset: (stream, consumer, event name, offset, count of that name)."""
@@ -1122,15 +1134,12 @@ def metrics(request):
     store = request.app.store
     streams = store.stream_totals()
     offsets = store.all_offsets()
-    consumers = {}
-    for stream, consumer, *_ in offsets:
-        consumers.setdefault(stream, set()).add(consumer)
     families = [
         ("streams_total", "gauge", "Streams that have events.", [({}, len(streams))]),
         ("events_total", "counter", "Events stored, per stream and its producer.",
-         [({"producerId": producer, "stream": stream}, events) for stream, producer, events, _ in streams]),
+         [({"producerId": s.producer_id, "stream": s.name}, s.events) for s in streams]),
         ("consumers_total", "gauge", "Consumers with an offset in the stream.",
-         [({"stream": stream}, len(consumers.get(stream, ()))) for stream, *_ in streams]),
+         [({"stream": s.name}, s.consumers) for s in streams]),
         ("consumer_offset", "gauge", "Sequence of the last event the consumer acknowledged.",
          [({"stream": stream, "consumerId": consumer, "eventName": name}, offset)
           for stream, consumer, name, offset, _ in offsets]),
@@ -1168,16 +1177,22 @@ def percentage(part, whole):
 
 
 def events_per_stream(request):
-    ranked = sorted(request.app.store.stream_totals(), key=lambda row: (-row[2], row[0]))
-    return json_reply([{"label": stream, "value": events} for stream, _, events, _ in ranked[:10]])
+    ranked = sorted(request.app.store.stream_totals(), key=lambda s: (-s.events, s.name))
+    return json_reply([{"label": s.name, "value": s.events} for s in ranked[:10]])
 
 
 def stream_data(request):
     streams = request.app.store.stream_totals()
-    largest = max((events for _, _, events, _ in streams), default=0)
-    return json_reply([{"streamName": stream, "eventsCount": events, "consumedEvents": consumed,
-                        "ranking": "\u272d" * -(-5 * events // largest) if largest else ""}
-                       for stream, _, events, consumed in streams])
+    largest = max((s.events for s in streams), default=0)
+    return json_reply([{"streamName": s.name, "eventsCount": s.events, "consumedEvents": s.consumed,
+                        "ranking": "\u272d" * -(-5 * s.events // largest) if largest else ""}
+                       for s in streams])
+
+
+def list_streams(request):
+    return json_reply([{"streamName": s.name, "producerId": s.producer_id, "createdAt": s.created_at,
+                        "eventsCount": s.events, "consumers": s.consumers, "lag": s.lag}
+                       for s in request.app.store.stream_totals()])
 
 
 def events_current_month(request):
@@ -1256,6 +1271,10 @@ def change_offset(request):
     return json_reply(f"successfully updated offset to {offset} for consumer {consumer_id}")
 
 
+def dashboard(request):
+    return Reply(200, DASHBOARD_HTML, "text/html; charset=utf-8", DASHBOARD_HEADERS)
+
+
 def event_payload(request):
     return Reply(200, request.app.store.envelope(check_event_id(request.params["event_id"])))
 
@@ -1267,6 +1286,7 @@ ROUTES = [
     ("POST", "/api/v1/streams/{stream}/events",              publish),
     ("GET",  "/api/v1/streams/{stream}/events",              read_events),
     ("POST", "/api/v1/streams/{stream}/events/{event_id}",   ack),
+    ("GET",  "/api/v1/streams",                              list_streams),
     ("GET",  "/api/v1/metrics",                              metrics),
     ("GET",  "/api/v1/consumers/{stream}",                   consumers),
     ("GET",  "/api/v1/stats/events-per-stream",              events_per_stream),
@@ -1278,6 +1298,11 @@ ROUTES = [
     ("POST", "/api/v1/event-period-search/{stream}",         event_period_search),
     ("POST", "/api/v1/{stream}/{consumer_id}/{event_name}/change/{offset}", change_offset),
     ("GET",  "/api/v1/events/{event_id}/payload",            event_payload),
+    ("GET",  "/",                                            dashboard),
+    ("GET",  "/admin",                                       dashboard),
+    ("GET",  "/admin/streams",                               dashboard),
+    ("GET",  "/admin/streams/{stream}/events",               dashboard),
+    ("GET",  "/admin/streams/{stream}/consumers",            dashboard),
 ]
 
 PUBLIC = {health}  # answered without credentials
@@ -1542,6 +1567,237 @@ def make_server(config, store):
         # The handshake happens in the connection's thread (Handler.setup), not in the accept loop.
         server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     return server
+
+
+# Dashboard ###################################################################
+
+# One page, no external requests: it reads the JSON API with the browser's own
+# Basic-auth credentials and puts every name into the page as text, never HTML.
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>eventserver</title>
+<style>
+  :root { --ink: #1d2433; --muted: #5d6880; --line: #dde2ec; --bg: #f6f7fb; --accent: #2f6fde; --bad: #b3261e; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); background: var(--bg); }
+  header { display: flex; gap: 16px; align-items: center; padding: 10px 20px; background: #fff; border-bottom: 1px solid var(--line); flex-wrap: wrap; }
+  header h1 { font-size: 17px; margin: 0; }
+  header h1 a { color: inherit; text-decoration: none; }
+  #search { display: flex; gap: 6px; flex: 1; max-width: 460px; }
+  #search input { flex: 1; padding: 6px 9px; border: 1px solid var(--line); border-radius: 6px; font: inherit; }
+  button { padding: 6px 12px; border: 1px solid var(--accent); background: var(--accent); color: #fff; border-radius: 6px; font: inherit; cursor: pointer; }
+  #status { margin-left: auto; color: var(--muted); font-size: 13px; }
+  #status.down { color: #fff; background: var(--bad); padding: 3px 10px; border-radius: 6px; }
+  main { padding: 16px 20px; display: grid; gap: 16px; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); }
+  section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px; min-width: 0; }
+  section.wide { grid-column: 1 / -1; }
+  h2 { font-size: 15px; margin: 0 0 8px; }
+  table { width: 100%; border-collapse: collapse; }
+  th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); overflow-wrap: anywhere; }
+  th { color: var(--muted); font-weight: 600; font-size: 12px; text-transform: uppercase; letter-spacing: .03em; }
+  td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+  a { color: var(--accent); }
+  .muted { color: var(--muted); }
+  .event-row { cursor: pointer; }
+  .event-row:hover { background: #eef3fd; }
+  .event-row.open { background: #e3ecfc; }
+  pre { background: #0f1626; color: #e6edf7; padding: 10px; border-radius: 6px; overflow: auto; max-height: 360px; margin: 6px 0; }
+  svg text { font-size: 11px; fill: var(--muted); }
+  svg .bar { fill: var(--accent); }
+  svg .axis { stroke: #9aa4b8; stroke-width: 1; }
+  .crumbs { grid-column: 1 / -1; margin: 0; }
+</style>
+</head>
+<body>
+<header>
+  <h1><a href="#/">eventserver</a></h1>
+  <form id="search"><input id="q" type="search" placeholder="Search streams, events, consumers, IDs" aria-label="Search"><button>Search</button></form>
+  <span id="status">connecting…</span>
+</header>
+<main id="view"></main>
+<script>
+"use strict";
+const API = "/api/v1";
+const REFRESH_MS = 4000;
+const view = document.getElementById("view");
+const statusLine = document.getElementById("status");
+let openEventId = null;
+let timer = null;
+
+// Every name is put in the page as text (textContent), never as HTML.
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "onclick") node.addEventListener("click", value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child));
+  return node;
+}
+function svg(tag, attrs, text) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+function section(id, title, wide) {
+  let node = document.getElementById(id);
+  if (!node) {
+    node = el("section", { id: id, class: wide ? "wide" : "" }, el("h2", {}, title), el("div", { class: "body" }));
+    view.append(node);
+  }
+  return node.querySelector(".body");
+}
+const part = encodeURIComponent;
+function streamLink(name) { return el("a", { href: "#/admin/streams/" + part(name) + "/events" }, name); }
+
+async function api(path) {
+  const response = await fetch(API + path, { headers: { "Accept": "application/json" }, cache: "no-store" });
+  if (!response.ok) throw new Error(response.status + " " + (await response.text()));
+  return response.json();
+}
+
+function table(headers, rows, rowAttrs) {
+  const head = el("tr", {}, ...headers.map(h => el("th", { class: h.num ? "num" : "" }, h.label)));
+  const body = rows.map((cells, index) => el("tr", rowAttrs ? rowAttrs(index) : {},
+    ...cells.map((cell, i) => el("td", { class: headers[i].num ? "num" : "" }, cell))));
+  if (!rows.length) body.push(el("tr", {}, el("td", { colspan: headers.length, class: "muted" }, "nothing yet")));
+  return el("table", {}, el("thead", {}, head), el("tbody", {}, ...body));
+}
+
+// A bar chart in inline SVG: labels along the x axis, counts on the y axis.
+function barChart(points, xTitle, yTitle, labelEvery) {
+  const width = 640, height = 240, left = 52, right = 12, top = 12, bottom = 58;
+  const max = Math.max(1, ...points.map(p => p.value));
+  const plotW = width - left - right, plotH = height - top - bottom;
+  const step = plotW / Math.max(1, points.length);
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", "aria-label": yTitle + " per " + xTitle });
+  chart.append(svg("line", { class: "axis", x1: left, y1: top, x2: left, y2: top + plotH }));
+  chart.append(svg("line", { class: "axis", x1: left, y1: top + plotH, x2: left + plotW, y2: top + plotH }));
+  for (const fraction of [0, 0.5, 1]) {
+    const y = top + plotH - fraction * plotH;
+    chart.append(svg("text", { x: left - 6, y: y + 4, "text-anchor": "end", class: "tick" }, Math.round(max * fraction)));
+  }
+  points.forEach((p, i) => {
+    const barH = p.value / max * plotH;
+    const bar = svg("rect", { class: "bar", x: left + i * step + step * 0.15, y: top + plotH - barH, width: step * 0.7, height: barH });
+    bar.append(svg("title", {}, p.label + ": " + p.value));
+    chart.append(bar);
+    if (i % labelEvery === 0) {
+      const x = left + i * step + step / 2, y = top + plotH + 14;
+      const text = p.short !== undefined ? p.short : p.label;
+      chart.append(svg("text", { x: x, y: y, "text-anchor": "middle", class: "xlabel" }, text.length > 14 ? text.slice(0, 13) + "…" : text));
+    }
+  });
+  chart.append(svg("text", { x: left + plotW / 2, y: height - 8, "text-anchor": "middle", class: "axis-title" }, xTitle));
+  chart.append(svg("text", { x: 12, y: top + plotH / 2, transform: `rotate(-90 12 ${top + plotH / 2})`, "text-anchor": "middle", class: "axis-title" }, yTitle));
+  return chart;
+}
+
+async function overview(producerId) {
+  const [streams, perStream, perDay] = await Promise.all([
+    api("/streams"), api("/stats/events-per-stream"), api("/stats/events-current-month")]);
+  const shown = producerId ? streams.filter(s => s.producerId === producerId) : streams;
+  const title = producerId ? "Streams of producer " + producerId : "Streams";
+  const body = section("streams", title, true);
+  body.closest("section").querySelector("h2").textContent = title;
+  body.replaceChildren(table(
+    [{ label: "stream" }, { label: "owner" }, { label: "events", num: 1 }, { label: "consumers", num: 1 }, { label: "total lag", num: 1 }],
+    shown.map(s => [streamLink(s.streamName), s.producerId, s.eventsCount, s.consumers, s.lag])));
+  section("per-stream", "Events per stream (top 10)").replaceChildren(
+    perStream.length ? barChart(perStream, "stream", "events", 1) : el("p", { class: "muted" }, "no events yet"));
+  section("per-day", "Events per day, this month (UTC)").replaceChildren(
+    barChart(perDay.map(d => ({ label: d.date, short: String(Number(d.date.slice(8))), value: d.eventCount })), "day of month", "events", 2));
+}
+
+async function streamView(stream, params) {
+  const [consumers, events] = await Promise.all([
+    api("/consumers/" + part(stream)), api("/event-period-search/" + part(stream) + "?period=1month")]);
+  const crumbs = document.getElementById("crumbs") || view.appendChild(el("p", { id: "crumbs", class: "crumbs" }));
+  crumbs.replaceChildren(el("a", { href: "#/" }, "all streams"), " › ", el("strong", {}, stream));
+  const consumerId = params.get("consumerId");
+  const eventName = params.get("eventName");
+  const shownConsumers = consumerId ? consumers.filter(c => c.consumerId === consumerId) : consumers;
+  section("consumers", "Consumers", true).replaceChildren(table(
+    [{ label: "consumer" }, { label: "event name" }, { label: "offset", num: 1 }, { label: "behind", num: 1 }, { label: "consumed", num: 1 }, { label: "moved at" }],
+    shownConsumers.map(c => [c.consumerId, c.eventName, c.offset, c.behind, c.consumedPercentage.toFixed(2) + " %", c.movedAt])));
+  if (params.get("eventId") && openEventId === null) openEventId = params.get("eventId");
+  const newest = events.filter(e => !eventName || e.eventName === eventName).slice(0, 50);
+  const body = section("events", "Newest events (last 30 days)" + (eventName ? " named " + eventName : ""), true);
+  body.closest("section").querySelector("h2").textContent = "Newest events (last 30 days)" + (eventName ? " named " + eventName : "");
+  const rows = table([{ label: "event ID" }, { label: "name" }, { label: "created at" }, { label: "consumed by" }],
+    newest.map(e => [e.eventId, e.eventName, e.createdAt, e.consumerIds.join(", ") || "—"]),
+    index => ({ class: "event-row" + (newest[index].eventId === openEventId ? " open" : ""), "data-event-id": newest[index].eventId }));
+  const envelope = el("div", { id: "envelope" });
+  body.replaceChildren(rows, envelope);
+  rows.querySelectorAll(".event-row").forEach(row => row.addEventListener("click", () => {
+    openEventId = openEventId === row.dataset.eventId ? null : row.dataset.eventId;
+    refresh();
+  }));
+  if (openEventId) {
+    const stored = await api("/events/" + part(openEventId) + "/payload").catch(() => null);
+    envelope.replaceChildren(el("h2", {}, "Envelope of " + openEventId),
+      el("pre", {}, stored ? JSON.stringify(stored, null, 2) : "not found"));
+  }
+}
+
+async function searchView(term) {
+  const results = await api("/search?_q=" + part(term));
+  const body = section("results", "Search results for “" + term + "”", true);
+  body.closest("section").querySelector("h2").textContent = "Search results for “" + term + "”";
+  body.replaceChildren(table([{ label: "category" }, { label: "result" }],
+    results.map(r => [r.search_result.category, el("a", { href: "#" + r.search_result.url }, r.search_result.label)])));
+}
+
+// Routes: #/ (overview), #/search?q=..., and the /admin/... URLs that search answers.
+function route() {
+  const hash = location.hash.length > 1 ? location.hash.slice(1)
+    : location.pathname.startsWith("/admin") ? location.pathname + location.search : "/";
+  const [path, query] = hash.split("?");
+  const params = new URLSearchParams(query || "");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  return { parts, params, key: hash };
+}
+let shownKey = null;
+async function refresh() {
+  clearTimeout(timer);
+  const { parts, params, key } = route();
+  if (key !== shownKey) { view.replaceChildren(); shownKey = key; }
+  try {
+    if (parts[0] === "search") await searchView(params.get("q") || "");
+    else if (parts[0] === "admin" && parts[1] === "streams" && parts.length >= 3) await streamView(parts[2], params);
+    else await overview(parts[0] === "admin" ? params.get("producerId") : null);
+    statusLine.className = "";
+    statusLine.textContent = "live · updated " + new Date().toLocaleTimeString();
+  } catch (error) {
+    statusLine.className = "down";
+    statusLine.textContent = error instanceof TypeError
+      ? "Cannot reach the server — retrying every " + REFRESH_MS / 1000 + " s"
+      : "The server answered " + error.message;
+  }
+  timer = setTimeout(refresh, REFRESH_MS);
+}
+document.getElementById("search").addEventListener("submit", event => {
+  event.preventDefault();
+  const term = document.getElementById("q").value.trim();
+  if (term) location.hash = "#/search?q=" + part(term);
+});
+window.addEventListener("hashchange", () => { openEventId = null; refresh(); });
+refresh();
+</script>
+</body>
+</html>
+"""
+
+DASHBOARD_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+                                " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+)
 
 
 # Command line ################################################################

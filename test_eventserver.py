@@ -656,7 +656,7 @@ class ConventionsTest(ServerTest):
         self.assertEqual(len(self.client.read(stream).json), 1)
 
     def test_unknown_path_is_404_before_auth(self):
-        for path in ("/nope", "/api/v1", "/api/v1/streams", "/api/v1/streams/x", "/api/v2/health",
+        for path in ("/nope", "/api/v1", "/api/v1/stream", "/api/v1/streams/x", "/api/v2/health",
                      "/api/v1/streams/x/events/y/z", "/api/v1/streams//events"):
             with self.subTest(path=path):
                 self.assert_error(self.client.request("GET", path, auth=False), 404, "Not Found")
