@@ -1,13 +1,18 @@
 # eventserver: `make run` serves on 127.0.0.1:8000, `make test` runs the test suite.
 PYTHON ?= python3
 
-.PHONY: run test bench
+.PHONY: run test test-browser bench
 
 run:
 	$(PYTHON) eventserver.py
 
 test:
 	$(PYTHON) -m unittest -v test_eventserver
+
+# Needs Chromium (Debian: apt-get install chromium); skips, saying so, without it.
+# SCREENSHOT=path.png keeps the screenshot it takes.
+test-browser:
+	$(PYTHON) -m unittest -v test_dashboard
 
 bench:
 	$(PYTHON) bench_eventserver.py

@@ -1655,7 +1655,9 @@ const part = encodeURIComponent;
 function streamLink(name) { return el("a", { href: "#/admin/streams/" + part(name) + "/events" }, name); }
 
 async function api(path) {
-  const response = await fetch(API + path, { headers: { "Accept": "application/json" }, cache: "no-store" });
+  // location.origin, not a relative URL: a page opened as http://user:pass@host/ must not
+  // put the credentials in its requests (fetch refuses that); the browser's auth cache does.
+  const response = await fetch(location.origin + API + path, { headers: { "Accept": "application/json" }, cache: "no-store" });
   if (!response.ok) throw new Error(response.status + " " + (await response.text()));
   return response.json();
 }

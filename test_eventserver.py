@@ -1172,6 +1172,51 @@ class PayloadTest(FreshServerTest):
         self.assert_error(self.get(f"/events/{uuid.uuid4()}/payload"), 404, starts="Not Found - ")
 
 
+class StreamsListTest(FreshServerTest):
+
+    def test_streams_lists_owner_events_consumers_and_lag(self):
+        self.assertEqual(self.get_json("/streams"), [])
+        self.publish_ok("orders", [envelope("A")] * 4 + [envelope("B")] * 2, producer="shop")
+        self.publish_ok("<img src=x onerror=alert(1)>", envelope("A"), producer="evil")
+        self.assertEqual(self.seek("orders", "c1", "A", 3).status, 200)
+        self.assertEqual(self.seek("orders", "c1", "B", 0).status, 200)
+        self.assertEqual(self.seek("orders", "c2", "A", 4).status, 200)
+        rows = self.get_json("/streams")
+        for row in rows:
+            self.assertRegex(row.pop("createdAt"), r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
+        self.assertEqual(rows, [
+            {"streamName": "<img src=x onerror=alert(1)>", "producerId": "evil", "eventsCount": 1,
+             "consumers": 0, "lag": 0},
+            {"streamName": "orders", "producerId": "shop", "eventsCount": 6, "consumers": 2, "lag": 1 + 2 + 0},
+        ])
+
+
+class DashboardTest(ServerTest):
+
+    def test_dashboard_needs_auth_with_the_browser_prompt(self):
+        response = self.client.request("GET", "/", auth=False)
+        self.assert_error(response, 401, "Unauthorized")
+        self.assertEqual(response.headers["WWW-Authenticate"], 'Basic realm="eventserver"')
+
+    def test_dashboard_is_one_self_contained_page(self):
+        for path in ("/", "/admin", "/admin/streams?producerId=x", "/admin/streams/a%20b/events?eventName=A",
+                     "/admin/streams/s/consumers?consumerId=c"):
+            with self.subTest(path=path):
+                response = self.client.request("GET", path)
+                self.assertEqual(response.status, 200)
+                self.assertEqual(response.headers["Content-Type"], "text/html; charset=utf-8")
+                self.assertIn("default-src 'none'", response.headers["Content-Security-Policy"])
+                page = response.body.decode()
+                self.assertTrue(page.startswith("<!doctype html>"))
+                self.assertNotRegex(page, r"(src|href)=\"(https?:)?//")  # nothing loaded from elsewhere
+                self.assertNotIn("@import", page)
+                self.assertNotIn("innerHTML", page)  # names only ever go in as text
+                for endpoint in ("/streams", "/stats/events-per-stream", "/stats/events-current-month",
+                                 "/consumers/", "/event-period-search/", "/search?_q=", "/payload"):
+                    self.assertIn(endpoint, page)
+        self.assertEqual(self.client.request("POST", "/").status, 405)
+
+
 # Long-poll reads (issue 5) ####################################################
 
 class LongPollTest(ServerTest):
