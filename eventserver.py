@@ -408,22 +408,33 @@ class StoreError(Exception):
 
 
 class _Ticket:
-    """One request's share of a group commit: its work, then its outcome."""
+    """One request's share of a group commit: its work, then its outcome.
+    Its thread sleeps in wait() until the ticket is committed or it is
+    handed the lead (to commit the next batch)."""
 
-    __slots__ = ("work", "result", "error", "done")
+    __slots__ = ("work", "result", "error", "done", "_turn")
 
     def __init__(self, work):
         self.work = work
         self.result = self.error = None
         self.done = False
+        self._turn = threading.Lock()
+        self._turn.acquire()
+
+    def wait(self):
+        self._turn.acquire()
+
+    def wake(self):
+        self._turn.release()
 
 
 class Store:
     """The event store: the only code that speaks SQL.
 
     Writes run one at a time under a process-wide lock, on one connection.
-    Requests that arrive while a transaction commits queue up and share the
-    next one (group commit); each gets its answer only after that commit.
+    Requests that arrive while a transaction commits queue up; the first of
+    them then commits them all in one transaction (group commit) and wakes
+    the others; each gets its answer only after that commit.
     Each request's work runs in its own savepoint, so one refusal never
     touches the others. Reads use a pool of their own connections and never
     wait for the lock (WAL readers see the last commit)."""
@@ -433,7 +444,8 @@ class Store:
         self.sync = sync
         self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
-        self._queue = []
+        self._queue = []  # tickets waiting for the next commit
+        self._committing = False  # a leader is committing; newcomers queue
         self._readers = queue.SimpleQueue()
         self._stream_ids = {}  # name -> stream_id; streams are never renamed or removed
         self._waiters = {}  # (stream_id, event_name) -> set of threading.Event (long-poll reads)
@@ -515,11 +527,25 @@ class Store:
         ticket = _Ticket(work)
         with self._queue_lock:
             self._queue.append(ticket)
-        with self._write_lock:
-            if not ticket.done:  # else an earlier leader committed it with its batch
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._commit(batch)
+            leading = not self._committing
+            self._committing = True
+        if not leading:
+            ticket.wait()  # until a leader commits it, or hands this thread the lead
+        if not ticket.done:
+            with self._queue_lock:
+                batch, self._queue = self._queue, []
+            try:
+                with self._write_lock:
+                    self._commit(batch)
+            finally:
+                for other in batch:
+                    if other is not ticket:
+                        other.wake()
+                with self._queue_lock:  # whoever queued during the commit leads the next one
+                    if self._queue:
+                        self._queue[0].wake()
+                    else:
+                        self._committing = False
         if ticket.error is not None:
             raise ticket.error
         return ticket.result
