@@ -572,10 +572,11 @@ class Store:
         if not leading:
             ticket.wait()  # until a leader commits it, or hands this thread the lead
         if not ticket.done:
-            with self._queue_lock:
-                batch, self._queue = self._queue, []
+            batch = []
             try:
                 with self._write_lock:
+                    with self._queue_lock:  # as late as possible: the more it takes, the fewer commits
+                        batch, self._queue = self._queue, []
                     self._commit(batch)
             finally:
                 for other in batch:

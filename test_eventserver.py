@@ -824,6 +824,34 @@ class InternalErrorTest(ServerTest):
         with sqlite3.connect(self.live.db) as conn:
             conn.execute("ALTER TABLE daily_counts_gone RENAME TO daily_counts")
 
+    def test_a_request_failing_after_it_wrote_spares_the_others_in_its_commit(self):
+        with sqlite3.connect(self.live.db) as conn:  # events named Poison cannot be stored
+            conn.execute("CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.event_name = 'Poison'"
+                         " BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
+        self.addCleanup(self._drop_trigger)
+        poisoned, healthy = fresh(), [fresh() for _ in range(5)]
+        store = self.live.store
+        with self.assertLogs("eventserver", level="ERROR"):
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                store._write_lock.acquire()  # let all six queue up for one commit
+                try:
+                    # the poisoned publish creates its stream (a write) before its event fails
+                    futures = [pool.submit(with_client, self.live.port, lambda c: c.publish(poisoned, envelope("Poison")))]
+                    futures += [pool.submit(with_client, self.live.port, lambda c, s=s: c.publish(s)) for s in healthy]
+                    time.sleep(0.5)
+                finally:
+                    store._write_lock.release()
+                responses = [f.result(timeout=10) for f in futures]
+        self.assert_error(responses[0], 500, starts="Internal Server Error")
+        self.assertEqual([r.status for r in responses[1:]], [200] * 5)
+        self.assert_stream_absent(poisoned)
+        for stream, response in zip(healthy, responses[1:]):
+            self.assertEqual([e["eventId"] for e in self.client.read(stream).json], [response.json])
+
+    def _drop_trigger(self):
+        with sqlite3.connect(self.live.db) as conn:
+            conn.execute("DROP TRIGGER poison")
+
 
 class HealthFailureTest(ServerTest):
 
