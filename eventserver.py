@@ -481,10 +481,10 @@ class Store:
         self._queue = []  # tickets waiting for the next commit
         self._committing = False  # a leader is committing; newcomers queue
         self._readers = queue.SimpleQueue()
-        # Committed state, cached (this process is the database's only writer):
-        self._streams = {}  # name -> (stream_id, producer_id); streams never change
-        self._counts = {}  # (stream_id, event_name) -> events of that name
-        self._offsets = {}  # (stream_id, event_name, consumer_id) -> consumer offset
+        # The committed state, in memory (this process is the database's only writer):
+        self._streams = {}  # name -> (stream_id, producer_id) of every stream; streams never change
+        self._counts = {}  # (stream_id, event_name) -> events of that name, where any
+        self._offsets = {}  # (stream_id, event_name, consumer_id) -> consumer offset, where one was set
         self._waiters = {}  # (stream_id, event_name) -> set of threading.Event (long-poll reads)
         self._waiters_lock = threading.Lock()
         self.closed = False
@@ -492,8 +492,20 @@ class Store:
             self._writer = self._connect()
             self._migrate()
             self._identity = _file_identity(path)
+            self._load_state()
         except sqlite3.Error as error:
             raise StoreError(f"cannot open database {path}: {error}") from None
+
+    def _load_state(self):
+        """Read the committed state kept in memory: streams, counts, offsets."""
+        conn = self._writer
+        self._streams = {name: (stream_id, producer_id) for stream_id, name, producer_id
+                         in conn.execute("SELECT stream_id, name, producer_id FROM streams")}
+        self._counts = {(stream_id, name): count for stream_id, name, count
+                        in conn.execute("SELECT stream_id, event_name, count FROM event_counts")}
+        self._offsets = {(stream_id, name, consumer_id): offset for stream_id, name, consumer_id, offset
+                         in conn.execute("SELECT stream_id, event_name, consumer_id, consumer_offset"
+                                         " FROM consumer_offsets")}
 
     def _connect(self):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -651,45 +663,28 @@ class Store:
             " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at",
             [(*key, offset, moved_at) for key, (offset, moved_at) in tx.offsets.items()])
 
-    # -- committed state, cached: streams never change owner, counts and
-    #    offsets change only through this store's commits --------------------
+    # -- the committed state in memory: loaded at start, changed only by this
+    #    store's commits (so this process must be the database's only writer) --
 
-    def _stream(self, conn, name, tx=None):
+    def _stream(self, name, tx=None):
         """(stream_id, producer_id) of a stream, or None if it has never been written to."""
-        found = (tx and tx.streams.get(name)) or self._streams.get(name)
-        if found is None:
-            row = conn.execute("SELECT stream_id, producer_id FROM streams WHERE name = ?", (name,)).fetchone()
-            if row is not None:
-                found = self._streams[name] = tuple(row)
-        return found
+        return (tx and tx.streams.get(name)) or self._streams.get(name)
 
-    def _stream_id(self, conn, name, tx=None):
+    def _stream_id(self, name, tx=None):
         """The ID of a stream that has been written to, else a 404."""
-        found = self._stream(conn, name, tx)
+        found = self._stream(name, tx)
         if found is None:
             raise not_found(f"stream {name} not found")
         return found[0]
 
-    def _count(self, conn, tx, stream_id, event_name):
+    def _count(self, tx, stream_id, event_name):
         """How many events of that name the stream has (its last sequence)."""
         key = (stream_id, event_name)
-        if key in tx.counts:
-            return tx.counts[key]
-        if key not in self._counts:
-            row = conn.execute("SELECT count FROM event_counts WHERE stream_id = ? AND event_name = ?",
-                               key).fetchone()
-            self._counts[key] = row[0] if row else 0
-        return self._counts[key]
+        return tx.counts[key] if key in tx.counts else self._counts.get(key, 0)
 
-    def _offset(self, conn, tx, stream_id, event_name, consumer_id):
+    def _offset(self, tx, stream_id, event_name, consumer_id):
         key = (stream_id, event_name, consumer_id)
-        if key in tx.offsets:
-            return tx.offsets[key][0]
-        if key not in self._offsets:
-            row = conn.execute("SELECT consumer_offset FROM consumer_offsets"
-                               " WHERE stream_id = ? AND event_name = ? AND consumer_id = ?", key).fetchone()
-            self._offsets[key] = row[0] if row else 0
-        return self._offsets[key]
+        return tx.offsets[key][0] if key in tx.offsets else self._offsets.get(key, 0)
 
     # -- the core verbs -------------------------------------------------------
 
@@ -717,7 +712,7 @@ class Store:
         return self._transact(work)
 
     def _publish_in(self, conn, tx, stream, producer_id, envelopes, idempotency_key, now):
-        found = self._stream(conn, stream, tx)
+        found = self._stream(stream, tx)
         if found is None:
             stream_id = self._create_stream(conn, tx, stream, producer_id, now)
         elif found[1] != producer_id:
@@ -754,7 +749,7 @@ class Store:
         sequence of its name. Returns the sequences."""
         rows = []
         for event_id, envelope, created_at in events:
-            sequence = tx.counts[stream_id, envelope.name] = self._count(conn, tx, stream_id, envelope.name) + 1
+            sequence = tx.counts[stream_id, envelope.name] = self._count(tx, stream_id, envelope.name) + 1
             tx.days[created_at[:10]] = tx.days.get(created_at[:10], 0) + 1
             rows.append((event_id, stream_id, envelope.name, sequence, envelope.text, *envelope.payload_span,
                          created_at))
@@ -766,40 +761,36 @@ class Store:
     def read(self, stream, event_name, consumer_id, limit):
         """The JSON text of up to limit events of that name past the
         consumer's offset, oldest first (the stored text, spliced, not re-encoded)."""
+        stream_id = self._stream_id(stream)
+        offset = self._offsets.get((stream_id, event_name, consumer_id), 0)
+        if offset >= self._counts.get((stream_id, event_name), 0):
+            return "[]"  # nothing past the offset: no need to ask the database
         with self._reading(snapshot=False) as conn:
-            rows = self._unconsumed(conn, self._stream_id(conn, stream), event_name, consumer_id, limit)
-        return _event_list(rows)
-
-    def _unconsumed(self, conn, stream_id, event_name, consumer_id, limit):
-        return conn.execute(
-            "SELECT event_id, envelope FROM events"
-            " WHERE stream_id = ?1 AND event_name = ?2 AND sequence > coalesce("
-            "  (SELECT consumer_offset FROM consumer_offsets"
-            "   WHERE stream_id = ?1 AND event_name = ?2 AND consumer_id = ?3), 0)"
-            " ORDER BY sequence LIMIT ?4",
-            (stream_id, event_name, consumer_id, limit)).fetchall()
+            # SQLite splices "eventId" into each stored envelope and joins them: one
+            # step for the whole answer, where fetching row by row costs a step each.
+            return conn.execute(
+                "SELECT '[' || group_concat('{\"eventId\":\"' || event_id || '\",' || substr(envelope, 2)) || ']'"
+                " FROM (SELECT event_id, envelope FROM events WHERE stream_id = ? AND event_name = ? AND sequence > ?"
+                "  ORDER BY sequence LIMIT ?)", (stream_id, event_name, offset, limit)).fetchone()[0]
 
     def wait_and_read(self, stream, event_name, consumer_id, limit, seconds, stopping):
         """Like read, but when nothing is there, wait up to seconds for an
         event of that name to be committed to the stream (long poll)."""
         deadline = time.monotonic() + seconds
+        key = (self._stream_id(stream), event_name)
         while True:
-            with self._reading() as conn:
-                stream_id = self._stream_id(conn, stream)
-                rows = self._unconsumed(conn, stream_id, event_name, consumer_id, limit)
+            events = self.read(stream, event_name, consumer_id, limit)
             remaining = deadline - time.monotonic()
-            if rows or remaining <= 0 or self.closed or stopping():
-                return _event_list(rows)
-            key = (stream_id, event_name)
+            if events != "[]" or remaining <= 0 or self.closed or stopping():
+                return events
             woken = threading.Event()
             with self._waiters_lock:
                 self._waiters.setdefault(key, set()).add(woken)
             try:
                 # Check again now that we are registered: a commit in between must not be missed.
-                with self._reading() as conn:
-                    rows = self._unconsumed(conn, stream_id, event_name, consumer_id, limit)
-                if rows or self.closed or stopping():
-                    return _event_list(rows)
+                events = self.read(stream, event_name, consumer_id, limit)
+                if events != "[]" or self.closed or stopping():
+                    return events
                 woken.wait(remaining)
             finally:
                 with self._waiters_lock:
@@ -830,7 +821,7 @@ class Store:
         """Move the consumer's offset to the event, if it is the next one."""
         now = utc_now()
         with self._reading(snapshot=False) as conn:  # an event, once stored, never changes
-            stream_id = self._stream_id(conn, stream)
+            stream_id = self._stream_id(stream)
             row = conn.execute("SELECT event_name, sequence FROM events WHERE event_id = ? AND stream_id = ?",
                                (event_id, stream_id)).fetchone()
         if row is None:
@@ -838,7 +829,7 @@ class Store:
         event_name, sequence = row
 
         def work(conn, tx):
-            offset = self._offset(conn, tx, stream_id, event_name, consumer_id)
+            offset = self._offset(tx, stream_id, event_name, consumer_id)
             if sequence <= offset:
                 return  # a retried ACK: already done
             if sequence != offset + 1:
@@ -854,8 +845,8 @@ class Store:
         now = utc_now()
 
         def work(conn, tx):
-            stream_id = self._stream_id(conn, stream, tx)
-            count = self._count(conn, tx, stream_id, event_name)
+            stream_id = self._stream_id(stream, tx)
+            count = self._count(tx, stream_id, event_name)
             if offset > count:
                 raise bad_request(f"offset must be between 0 and {count}, the count of "
                                   f"{event_name} events in stream {stream}")
@@ -879,7 +870,7 @@ class Store:
                 "SELECT o.consumer_id, o.consumer_offset, o.moved_at, o.event_name, coalesce(c.count, 0)"
                 " FROM consumer_offsets o LEFT JOIN event_counts c USING (stream_id, event_name)"
                 " WHERE o.stream_id = ? ORDER BY o.event_name, o.consumer_id",
-                (self._stream_id(conn, stream),)).fetchall()
+                (self._stream_id(stream),)).fetchall()
 
     def stream_totals(self):
         """Every stream's StreamTotals, by name."""
@@ -939,7 +930,7 @@ class Store:
         each with the sorted IDs of the consumers past it:
         (event_id, event_name, created_at, [consumer IDs])."""
         with self._reading() as conn:
-            stream_id = self._stream_id(conn, stream)
+            stream_id = self._stream_id(stream)
             events = conn.execute(
                 "SELECT event_id, event_name, sequence, created_at FROM events"
                 " WHERE stream_id = ? AND created_at >= ? ORDER BY created_at DESC, event_pk DESC LIMIT ?",
@@ -1023,7 +1014,7 @@ class Store:
         elif kind == "offset":
             event_name = check_name("eventName", record["eventName"])
             offset = record["offset"]
-            if type(offset) is not int or not 0 <= offset <= self._count(conn, tx, stream_id, event_name):
+            if type(offset) is not int or not 0 <= offset <= self._count(tx, stream_id, event_name):
                 raise bad_request(f"offset {offset!r} is out of range")
             consumer_id = check_token("consumerId", record["consumerId"])
             tx.offsets[stream_id, event_name, consumer_id] = (offset, _time(record["movedAt"]))
@@ -1078,12 +1069,6 @@ def _time(value):
 def _file_identity(path):
     status = os.stat(path)
     return status.st_dev, status.st_ino
-
-
-def _event_list(rows):
-    """A JSON array of stored envelopes, each with "eventId" spliced in first."""
-    return "[" + ",".join('{"eventId":"%s",%s' % (event_id, envelope[1:])
-                          for event_id, envelope in rows) + "]"
 
 
 # HTTP ########################################################################
@@ -1465,9 +1450,7 @@ class App:
         self.store = store
         self.router = Router(ROUTES)
         self.stopping = threading.Event()
-        self._in_flight = 0
-        self._count_lock = threading.Lock()
-        self._idle = threading.Event()  # set once stopping and no request is in flight
+        self._in_flight = set()  # handlers serving a request
         self._user = config.user.encode("utf-8")
         self._password = config.password.encode("utf-8")
         self._expected = ("Basic " + base64.b64encode(self._user + b":" + self._password).decode()).encode()
@@ -1487,28 +1470,24 @@ class App:
         same_password = hmac.compare_digest(password, self._password)
         return bool(sep) and same_user and same_password
 
-    def begin(self):
+    def begin(self, handler):
         """Count a request in; False when the server is stopping."""
-        with self._count_lock:
-            if self.stopping.is_set():
-                return False
-            self._in_flight += 1
-            return True
+        self._in_flight.add(handler)  # a set's add and discard are atomic: no lock to contend for
+        if self.stopping.is_set():
+            self._in_flight.discard(handler)
+            return False
+        return True
 
-    def end(self):
-        with self._count_lock:
-            self._in_flight -= 1
-            if not self._in_flight and self.stopping.is_set():
-                self._idle.set()
+    def end(self, handler):
+        self._in_flight.discard(handler)
 
     def drain(self, timeout):
         """Refuse new requests, release long polls, wait for the rest to finish."""
-        with self._count_lock:
-            self.stopping.set()
-            if not self._in_flight:
-                self._idle.set()
+        self.stopping.set()
         self.store.wake_all()
-        self._idle.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 MAX_HEADERS = 100
@@ -1592,7 +1571,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._body_unread = self.headers.get("Content-Length") not in (None, "0") \
             or "Transfer-Encoding" in self.headers
         self.client_id = ""
-        if not app.begin():
+        if not app.begin(self):
             self.close_connection = True
             reply = error_reply(HTTPError(503, "the server is stopping"))
         else:
@@ -1602,7 +1581,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True  # the client went away mid-request: nobody to answer
                 return
             finally:
-                app.end()
+                app.end(self)
         self._send(reply)
         if not app.config.quiet:
             log_access(self, reply, (time.perf_counter() - started) * 1000)
