@@ -322,6 +322,7 @@ def parse_envelopes(value):
 
 
 MAX_BATCH = 1000
+RECENT_EVENTS = 100_000  # events remembered from reads so acknowledging them needs no query
 
 
 def new_event_id():
@@ -485,6 +486,7 @@ class Store:
         self._streams = {}  # name -> (stream_id, producer_id) of every stream; streams never change
         self._counts = {}  # (stream_id, event_name) -> events of that name, where any
         self._offsets = {}  # (stream_id, event_name, consumer_id) -> consumer offset, where one was set
+        self._recent = {}  # event_id -> (stream_id, event_name, sequence) of events lately read
         self._waiters = {}  # (stream_id, event_name) -> set of threading.Event (long-poll reads)
         self._waiters_lock = threading.Lock()
         self.closed = False
@@ -650,18 +652,20 @@ class Store:
 
     def _flush(self, conn, tx):
         """Write what the transaction kept in memory: counts and offsets."""
-        conn.executemany(
-            "INSERT INTO event_counts (stream_id, event_name, count) VALUES (?, ?, ?)"
-            " ON CONFLICT (stream_id, event_name) DO UPDATE SET count = excluded.count",
-            [(*key, count) for key, count in tx.counts.items()])
-        conn.executemany(
-            "INSERT INTO daily_counts (day, count) VALUES (?, ?)"
-            " ON CONFLICT (day) DO UPDATE SET count = count + excluded.count", tx.days.items())
-        conn.executemany(
-            "INSERT INTO consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream_id, event_name, consumer_id)"
-            " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at",
-            [(*key, offset, moved_at) for key, (offset, moved_at) in tx.offsets.items()])
+        if tx.counts:
+            conn.executemany(
+                "INSERT INTO event_counts (stream_id, event_name, count) VALUES (?, ?, ?)"
+                " ON CONFLICT (stream_id, event_name) DO UPDATE SET count = excluded.count",
+                [(*key, count) for key, count in tx.counts.items()])
+            conn.executemany(
+                "INSERT INTO daily_counts (day, count) VALUES (?, ?)"
+                " ON CONFLICT (day) DO UPDATE SET count = count + excluded.count", tx.days.items())
+        if tx.offsets:
+            conn.executemany(
+                "INSERT INTO consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream_id, event_name, consumer_id)"
+                " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at",
+                [(*key, offset, moved_at) for key, (offset, moved_at) in tx.offsets.items()])
 
     # -- the committed state in memory: loaded at start, changed only by this
     #    store's commits (so this process must be the database's only writer) --
@@ -768,10 +772,17 @@ class Store:
         with self._reading(snapshot=False) as conn:
             # SQLite splices "eventId" into each stored envelope and joins them: one
             # step for the whole answer, where fetching row by row costs a step each.
-            return conn.execute(
-                "SELECT '[' || group_concat('{\"eventId\":\"' || event_id || '\",' || substr(envelope, 2)) || ']'"
+            events, event_ids = conn.execute(
+                "SELECT '[' || group_concat('{\"eventId\":\"' || event_id || '\",' || substr(envelope, 2)) || ']',"
+                " group_concat(event_id)"
                 " FROM (SELECT event_id, envelope FROM events WHERE stream_id = ? AND event_name = ? AND sequence > ?"
-                "  ORDER BY sequence LIMIT ?)", (stream_id, event_name, offset, limit)).fetchone()[0]
+                "  ORDER BY sequence LIMIT ?)", (stream_id, event_name, offset, limit)).fetchone()
+        if len(self._recent) > RECENT_EVENTS:
+            self._recent.clear()
+        # Sequences of a name have no gaps: the k-th event past the offset is offset + k.
+        for number, event_id in enumerate(event_ids.split(","), offset + 1):
+            self._recent[event_id] = (stream_id, event_name, number)
+        return events
 
     def wait_and_read(self, stream, event_name, consumer_id, limit, seconds, stopping):
         """Like read, but when nothing is there, wait up to seconds for an
@@ -820,13 +831,16 @@ class Store:
     def ack(self, stream, event_id, consumer_id):
         """Move the consumer's offset to the event, if it is the next one."""
         now = utc_now()
-        with self._reading(snapshot=False) as conn:  # an event, once stored, never changes
-            stream_id = self._stream_id(stream)
-            row = conn.execute("SELECT event_name, sequence FROM events WHERE event_id = ? AND stream_id = ?",
-                               (event_id, stream_id)).fetchone()
-        if row is None:
-            raise not_found(f"event {event_id} not found in stream {stream}")
-        event_name, sequence = row
+        stream_id = self._stream_id(stream)
+        found = self._recent.get(event_id)  # usually: consumers acknowledge what they just read
+        if found is None or found[0] != stream_id:
+            with self._reading(snapshot=False) as conn:  # an event, once stored, never changes
+                row = conn.execute("SELECT event_name, sequence FROM events WHERE event_id = ? AND stream_id = ?",
+                                   (event_id, stream_id)).fetchone()
+            if row is None:
+                raise not_found(f"event {event_id} not found in stream {stream}")
+            found = (stream_id, *row)
+        _, event_name, sequence = found
 
         def work(conn, tx):
             offset = self._offset(tx, stream_id, event_name, consumer_id)

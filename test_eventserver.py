@@ -598,6 +598,7 @@ class AckTest(ServerTest):
         stream, other = fresh(), fresh()
         self.publish_ok(stream)
         elsewhere = self.publish_ok(other)
+        self.assertEqual(len(self.client.read(other).json), 1)  # just read: the server remembers it
         self.assert_error(self.client.ack(fresh(), elsewhere), 404, starts="Not Found - ")
         self.assert_error(self.client.ack(stream, elsewhere), 404, starts="Not Found - ")
         self.assert_error(self.client.ack(stream, str(uuid.uuid4())), 404, starts="Not Found - ")
