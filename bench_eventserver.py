@@ -36,8 +36,20 @@ Run it (``make bench`` runs the first line):
     python3 bench_eventserver.py --repeat 3       # median of 3 per figure: steadier on a shared machine
     python3 bench_eventserver.py --duration 2 --connections 8 --scenarios publish,read
     python3 bench_eventserver.py --build-db big.db --events 1000000 --streams 100
+    python3 bench_eventserver.py --endpoints big.db --requests 20
 
 ``--build-db`` only fills a database through the HTTP batch API and exits.
+``--endpoints DB`` starts the server on that existing database and times, one
+request at a time on one keep-alive connection, ``GET /api/v1/health`` (the
+reference) and every endpoint of SPEC.md section 4 plus a ``limit=10`` read:
+median and p90 wall time of ``--requests`` requests each (5 for an endpoint
+whose first, untimed request took over 0.5 s) and each median's ratio to
+health's. The endpoints take turns, so a burst of noise from the machine falls
+on all of them alike. It finds a stream, an event name and an event ID through
+the API; a search term matching nothing makes the search read every payload.
+It leaves the data as it was except for consumer offsets: when the stream has
+none it first creates three (seeks), and the timed seek sets the first one to
+the offset it already has (only its movedAt changes).
 ``--client wrk`` uses ``wrk`` (when on PATH) for publish and read; the default
 client is the standard-library one, which is also always used for consume and
 mixed. ``python3 bench_eventserver.py --help`` lists every flag.
@@ -68,6 +80,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -130,14 +143,24 @@ def parse_args(argv):
                         help="events loaded for --scale (default 1000000)")
     parser.add_argument("--scale-streams", type=int, default=100,
                         help="streams they are spread over (default 100)")
-    parser.add_argument("--json", default="bench-results.json", metavar="PATH",
-                        help="where to write the figures (default bench-results.json; '' for none)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="where to write the figures (default bench-results.json, with --endpoints "
+                             "bench-results-endpoints.json; '' for none)")
     parser.add_argument("--build-db", metavar="PATH",
                         help="only build a database at PATH through the HTTP batch API, then exit")
     parser.add_argument("--events", type=int, default=1_000_000,
                         help="with --build-db: number of events (default 1000000)")
     parser.add_argument("--streams", type=int, default=100,
                         help="with --build-db: number of streams (default 100)")
+    parser.add_argument("--endpoints", metavar="DB",
+                        help="only time each API endpoint, one request at a time, on the existing "
+                             "database DB (see above), then exit")
+    parser.add_argument("--requests", type=int, default=20, metavar="N",
+                        help="with --endpoints: timed requests per endpoint (default 20; at most 5 "
+                             "for an endpoint whose first request takes over 0.5 s)")
+    parser.add_argument("--event-name", default=EVENT_NAME,
+                        help="with --endpoints: the event name to read and search for "
+                             "(default %s, what --build-db writes)" % EVENT_NAME)
     args = parser.parse_args(argv)
     try:
         args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
@@ -155,6 +178,15 @@ def parse_args(argv):
         parser.error("--client wrk: wrk is not on PATH")
     if args.build_db is None and not os.path.exists(args.server):
         parser.error("server not found: %s (use --server PATH)" % args.server)
+    if args.endpoints is not None:
+        if args.build_db is not None:
+            parser.error("--endpoints and --build-db are separate runs")
+        if not os.path.isfile(args.endpoints):
+            parser.error("--endpoints: no database at %s (build one with --build-db)" % args.endpoints)
+        if args.requests < 1:
+            parser.error("--requests must be >= 1")
+    if args.json is None:
+        args.json = "bench-results-endpoints.json" if args.endpoints is not None else "bench-results.json"
     return args
 
 
@@ -1042,7 +1074,10 @@ def print_header(args, machine):
     print("machine: nproc %s, %s, Python %s, SQLite %s, %s" % (
         machine["nproc"], machine["cpu"] or "unknown CPU", machine["python"], machine["sqlite"],
         machine["platform"]))
-    if args.build_db is None:
+    if args.endpoints is not None:
+        print("run:     --endpoints %s, %d requests per endpoint, --sync %s"
+              % (args.endpoints, args.requests, args.sync))
+    elif args.build_db is None:
         scale = (", --scale %s events in %d streams" % (f"{args.scale_events:,}", args.scale_streams)
                  if args.scale else "")
         print("run:     --sync %s, %g s per run after %g s warm-up, x%d, connections %s, scenarios %s, "
@@ -1050,6 +1085,198 @@ def print_header(args, machine):
                                ",".join(map(str, args.connections)), ",".join(args.scenarios), args.client,
                                scale))
     print(flush=True)
+
+
+# Endpoints ###################################################################
+# --endpoints DB: the cost of each endpoint on a given database, one request at
+# a time, next to GET /api/v1/health (routing, auth-free, one trivial query).
+
+ENDPOINT_SLOW_S = 0.5            # an endpoint whose untimed first request takes longer ...
+ENDPOINT_SLOW_REQUESTS = 5       # ... is timed this many times at most
+ENDPOINT_CONSUMERS = 3           # consumer offsets created when the stream has none
+
+
+class KeepAliveClient:
+    """One http.client connection reused for every request; (status, body, seconds)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.connection = None
+
+    def request(self, method, path, headers=None):
+        all_headers = {"Authorization": self.target["auth"]}
+        all_headers.update(headers or {})
+        for attempt in (1, 2):
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection(self.target["host"], self.target["port"],
+                                                             timeout=300)
+                self.connection.connect()
+                self.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            began = time.perf_counter()
+            try:
+                self.connection.request(method, path, body=b"" if method == "POST" else None,
+                                        headers=all_headers)
+                response = self.connection.getresponse()
+                body = response.read()
+            except (http.client.HTTPException, OSError) as error:
+                self.close()
+                if attempt == 2:
+                    raise BenchError("%s %s: %r" % (method, path, error)) from None
+                continue   # the server closed an idle connection: one retry on a new one
+            seconds = time.perf_counter() - began
+            if response.will_close:
+                self.close()
+            return response.status, body, seconds
+
+    def json(self, method, path, headers=None):
+        status, body, _ = self.request(method, path, headers)
+        if status != 200:
+            raise BenchError("%s %s: %d %s" % (method, path, status, body[:300].decode("utf-8", "replace")))
+        return json.loads(body)
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def endpoint_plan(client, event_name):
+    """[(label, method, path, headers)] with real names from the database, and what was found and done."""
+    streams = client.json("GET", "/api/v1/streams")
+    if not streams:
+        raise BenchError("the database has no streams: build one with --build-db")
+    stream = max(streams, key=lambda s: (s["eventsCount"], s["streamName"]))
+    name = stream["streamName"]
+    quoted = urllib.parse.quote(name, safe="")
+    probe = {"X-Consumer-ID": "bench-endpoints-reader"}   # reads do not store an offset
+    read_path = "%s?eventName=%s&limit=%%d" % (stream_path(name), urllib.parse.quote(event_name, safe=""))
+    first = client.json("GET", read_path % 1, probe)
+    if not first:
+        raise BenchError("stream %s has no %s events for a new consumer (choose one with --event-name)"
+                         % (name, event_name))
+    event_id = first[0]["eventId"]
+    consumers = client.json("GET", "/api/v1/consumers/%s" % quoted)
+    created = []
+    if not consumers:
+        for number in range(1, ENDPOINT_CONSUMERS + 1):
+            consumer = "bench-endpoints-%d" % number
+            for offset in (stream["eventsCount"] * number // (ENDPOINT_CONSUMERS + 1), 1):
+                status, body, _ = client.request("POST", "/api/v1/%s/%s/%s/change/%d" % (
+                    quoted, consumer, urllib.parse.quote(event_name, safe=""), offset))
+                if status == 200:
+                    created.append({"consumerId": consumer, "eventName": event_name, "offset": offset})
+                    break
+            else:
+                raise BenchError("seeking %s in %s: %d %s" % (consumer, name, status, body[:300]))
+        consumers = client.json("GET", "/api/v1/consumers/%s" % quoted)
+    seek = consumers[0]
+    no_match = "nomatch-" + uuid.uuid4().hex[:12]
+    plan = [
+        ("health", "GET", "/api/v1/health", None),
+        ("metrics", "GET", "/api/v1/metrics", None),
+        ("consumers/<stream>", "GET", "/api/v1/consumers/%s" % quoted, None),
+        ("stats/events-per-stream", "GET", "/api/v1/stats/events-per-stream", None),
+        ("stats/stream-data", "GET", "/api/v1/stats/stream-data", None),
+        ("stats/events-current-month", "GET", "/api/v1/stats/events-current-month", None),
+        ("streams", "GET", "/api/v1/streams", None),
+        ("search event name", "GET", "/api/v1/search?_q=%s" % urllib.parse.quote(event_name, safe=""), None),
+        ("search no match", "GET", "/api/v1/search?_q=%s" % no_match, None),
+        ("search event ID", "GET", "/api/v1/search?_q=%s" % event_id, None),
+        ("event-period-search 1month", "GET", "/api/v1/event-period-search/%s?period=1month" % quoted, None),
+        ("events/<id>/payload", "GET", "/api/v1/events/%s/payload" % event_id, None),
+        ("change offset (seek)", "POST", "/api/v1/%s/%s/%s/change/%d" % (
+            quoted, urllib.parse.quote(seek["consumerId"], safe=""),
+            urllib.parse.quote(seek["eventName"], safe=""), seek["offset"]), None),
+        ("read limit=10", "GET", read_path % READ_LIMIT, probe),
+    ]
+    found = {"stream": name, "stream_events": stream["eventsCount"], "streams": len(streams),
+             "event_name": event_name, "event_id": event_id, "no_match_term": no_match,
+             "consumers": len(consumers), "consumers_created": created,
+             "seek": {"consumerId": seek["consumerId"], "eventName": seek["eventName"],
+                      "offset": seek["offset"]}}
+    return plan, found
+
+
+def run_endpoints(args, machine):
+    """--endpoints DB: time each endpoint, taking turns, on an existing database."""
+    user, password = "bench", uuid.uuid4().hex
+    rows, problems, found = [], [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-eventserver-") as workdir:
+        server = start_server(args, os.path.abspath(args.endpoints), workdir, user, password)
+        client = KeepAliveClient(server.target)
+        meter = ProcessMeter(server.pid)
+        meter.start()
+        try:
+            print("server: %s (pid %d)" % (server.banner, server.pid), flush=True)
+            plan, found = endpoint_plan(client, args.event_name)
+            print("stream %s (%s events, of %d streams), event name %s, event ID %s, %d consumer(s)%s"
+                  % (found["stream"], f"{found['stream_events']:,}", found["streams"], found["event_name"],
+                     found["event_id"], found["consumers"],
+                     ", %d created by seeks" % len(found["consumers_created"])
+                     if found["consumers_created"] else ""), flush=True)
+            timings = {label: [] for label, *_ in plan}
+            wanted, answers = {}, {}
+            for label, method, path, headers in plan:   # one untimed request each: warms caches
+                status, body, seconds = client.request(method, path, headers)
+                answers[label] = (status, len(body))
+                wanted[label] = ENDPOINT_SLOW_REQUESTS if seconds > ENDPOINT_SLOW_S else args.requests
+                wanted[label] = min(wanted[label], args.requests)
+                if status != 200:
+                    problems.append("%s: %d %s" % (label, status, body[:200].decode("utf-8", "replace")))
+            for turn in range(args.requests):
+                for label, method, path, headers in plan:
+                    if turn < wanted[label]:
+                        status, body, seconds = client.request(method, path, headers)
+                        timings[label].append(seconds)
+                        answers[label] = (status, len(body))
+                        if status != 200:
+                            problems.append("%s: %d %s" % (label, status,
+                                                           body[:200].decode("utf-8", "replace")))
+            rss_mb, cpu = meter.stop()
+        finally:
+            client.close()
+            server.stop()
+            if server.exit_note:
+                problems.append("server %s" % server.exit_note)
+            if server.tracebacks():
+                problems.append("server logged %d traceback(s); last lines: %s" % (
+                    server.tracebacks(), server.stderr_tail(8)))
+    health = statistics.median(timings["health"])
+    print()
+    print("One request at a time on one keep-alive connection; ms of wall time at the client;")
+    print("ratio = the endpoint's median / health's median")
+    head = "%-28s %-52s %4s %9s %9s %8s %6s %9s" % ("endpoint", "request", "n", "median ms", "p90 ms",
+                                                    "ratio", "status", "bytes")
+    print(head)
+    print("-" * len(head))
+    for label, method, path, headers in plan:
+        values = sorted(timings[label])
+        median = statistics.median(values)
+        row = {"endpoint": label, "method": method, "path": path, "requests": len(values),
+               "median_ms": ms(median), "p90_ms": ms(percentile(values, 0.90)),
+               "min_ms": ms(values[0]), "max_ms": ms(values[-1]),
+               "ratio_to_health": round(median / health, 1) if health else None,
+               "status": answers[label][0], "bytes": answers[label][1]}
+        rows.append(row)
+        shown = "%s %s" % (method, path)
+        print("%-28s %-52s %4d %9.2f %9.2f %8s %6d %9s" % (
+            label, shown if len(shown) <= 52 else shown[:49] + "...", row["requests"], row["median_ms"],
+            row["p90_ms"], fmt(row["ratio_to_health"], 1), row["status"], fmt_int(row["bytes"])))
+    print()
+    print("server peak RSS %.1f MB, CPU %.1f s" % (rss_mb, cpu))
+    for problem in problems:
+        print("PROBLEM: %s" % problem)
+    if args.json:
+        document = {"version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "command": [sys.executable, sys.argv[0]] + sys.argv[1:], "machine": machine,
+                    "config": {"database": os.path.abspath(args.endpoints), "requests": args.requests,
+                               "sync": args.sync},
+                    "server": server.banner, "found": found, "peak_rss_mb": round(rss_mb, 1),
+                    "server_cpu_s": round(cpu, 2), "results": rows, "problems": problems}
+        with open(args.json, "w") as f:
+            json.dump(document, f, indent=1)
+        print("\nfigures written to %s" % args.json)
+    return 1 if problems else 0
 
 
 # Command line ################################################################
@@ -1168,6 +1395,8 @@ def main(argv):
     try:
         if args.build_db is not None:
             return build_database(args)
+        if args.endpoints is not None:
+            return run_endpoints(args, machine)
         return run_benchmark(args, machine)
     except BenchError as error:
         print("bench_eventserver.py: %s" % error, file=sys.stderr)

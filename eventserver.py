@@ -42,6 +42,11 @@ import threading
 import time
 import urllib.parse
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 __version__ = "1.0.0"
 
 log = logging.getLogger("eventserver")
@@ -474,7 +479,7 @@ class Store:
     connections and never wait for the lock (WAL readers see the last
     commit)."""
 
-    def __init__(self, path, sync="full"):
+    def __init__(self, path, sync="full", exclusive=True):
         self.path = path
         self.sync = sync
         self._write_lock = threading.Lock()
@@ -490,8 +495,11 @@ class Store:
         self._waiters = {}  # (stream_id, event_name) -> set of threading.Event (long-poll reads)
         self._waiters_lock = threading.Lock()
         self.closed = False
+        self._lock_fd = None
         try:
             self._writer = self._connect()
+            if exclusive:
+                self._lock_fd = _lock_exclusively(path)
             self._migrate()
             self._identity = _file_identity(path)
             self._load_state()
@@ -552,6 +560,8 @@ class Store:
                 self._readers.get_nowait().close()
             except queue.Empty:
                 break
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # only now: see _lock_exclusively
 
     # -- transactions ---------------------------------------------------------
 
@@ -1078,6 +1088,23 @@ def _time(value):
     if not isinstance(value, str) or not _TIME.match(value):
         raise bad_request(f"time {value!r} is not like 2019-10-30T09:21:26.664704+00:00")
     return value
+
+
+def _lock_exclusively(path):
+    """A descriptor of the database file holding an exclusive flock on it, so
+    that a second server on the same file stops at start (the store keeps its
+    state in memory: it must be the only writer). flock is apart from
+    SQLite's own POSIX locks; the descriptor stays open until the store's
+    connections are closed, as closing any descriptor of a file drops the
+    POSIX locks a process holds on it."""
+    if fcntl is None:  # not on this platform: one server per file is then the user's care
+        return None
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise StoreError(f"database {path} is in use by another eventserver") from None
+    return descriptor
 
 
 def _file_identity(path):
@@ -2059,7 +2086,7 @@ def run_tool(command, argv, environ):
     if command != "import" and not os.path.isfile(args.db):
         raise ConfigError(f"no database file {args.db}")
     try:
-        store = Store(args.db)
+        store = Store(args.db, exclusive=command == "import")  # export and backup read a live database
     except StoreError as error:
         raise ConfigError(str(error)) from None
     try:

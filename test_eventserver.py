@@ -1380,7 +1380,7 @@ class IdempotencyTest(ServerTest):
         # remembered in the database, not in memory: checked by a second server on the same file
         stream = fresh()
         first = self.publish_with_key(stream, envelope(), "durable").json
-        store = eventserver.Store(self.live.db)
+        store = eventserver.Store(self.live.db, exclusive=False)
         try:
             again = store.publish(stream, "producer-1", [eventserver.Envelope(envelope())], "durable")
         finally:
@@ -1505,8 +1505,13 @@ class ToolsTest(unittest.TestCase):
         client.close()
 
     def test_import_refuses_a_non_empty_database_and_bad_lines_change_nothing(self):
-        db, _, _ = self._populated()
+        db, process, _ = self._populated()
         exported = _run_tool("export", "--db", db).stdout
+        refused = _run_tool("import", "--db", db, stdin=exported)
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn(b"in use by another eventserver", refused.stderr)  # a live server's database
+        process.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(process.finish()[0], 0)
         refused = _run_tool("import", "--db", db, stdin=exported)
         self.assertNotEqual(refused.returncode, 0)
         self.assertIn(b"not empty", refused.stderr)
@@ -1775,6 +1780,15 @@ class CommandLineTest(unittest.TestCase):
         self.assert_refused("--port", "0", "--db", self.tmp.name, message="database")  # a folder
         self.assert_refused("--port", "0", "--db", os.path.join(self.tmp.name, "no", "such", "dir.db"),
                             message="database")
+
+    def test_cli_second_server_on_the_same_database_is_refused(self):
+        first = self.start("--user", USER, "--password", PASSWORD, "--quiet")
+        first.wait_listening()
+        self.assert_refused("--port", "0", "--db", self.db, "--user", USER, "--password", PASSWORD,
+                            message="in use by another eventserver")
+        client = Client(first.port)
+        self.assertEqual(client.publish("still-serving").status, 200)
+        client.close()
 
     def test_cli_creates_schema_with_user_version_in_wal_mode(self):
         process = self.start()
