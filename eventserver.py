@@ -22,7 +22,6 @@ import binascii
 import collections
 import contextlib
 import datetime
-import decimal
 import hashlib
 import hmac
 import http.server
@@ -89,12 +88,18 @@ class Config:
     """Everything the server is started with, from flags and environment."""
 
     def __init__(self, args, environ):
-        self.host = args.host or environ.get("EVENTSERVER_HOST") or "127.0.0.1"
-        self.port = _parse(int, args.port or environ.get("EVENTSERVER_PORT") or "8000", "port")
+        def setting(flag, variable, default):
+            value = flag if flag is not None else environ.get(variable, default)
+            if not value:
+                raise ConfigError(f"{variable} or its flag is empty")
+            return value
+
+        self.host = setting(args.host, "EVENTSERVER_HOST", "127.0.0.1")
+        self.port = _parse(int, setting(args.port, "EVENTSERVER_PORT", "8000"), "port")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is not between 0 and 65535")
-        self.db = args.db or environ.get("EVENTSERVER_DB") or "eventserver.db"
-        self.sync = (args.sync or environ.get("EVENTSERVER_SYNC") or "full").lower()
+        self.db = setting(args.db, "EVENTSERVER_DB", "eventserver.db")
+        self.sync = setting(args.sync, "EVENTSERVER_SYNC", "full").lower()
         if self.sync not in ("full", "normal"):
             raise ConfigError(f"sync must be full or normal, not {self.sync!r}")
         user = args.user if args.user is not None else environ.get("AUTH_USER", "")
@@ -125,7 +130,7 @@ def _parse(kind, text, what):
 
 
 def server_arguments(parser):
-    """Add the flags of the server (and of its sub-commands' --db) to parser."""
+    """Add the server's flags to parser."""
     parser.add_argument("--host", help="bind address (env EVENTSERVER_HOST, default 127.0.0.1)")
     parser.add_argument("--port", help="port, 0 picks a free one (env EVENTSERVER_PORT, default 8000)")
     parser.add_argument("--db", help="SQLite file (env EVENTSERVER_DB, default eventserver.db); "
@@ -228,20 +233,28 @@ def check_count(what, text, minimum):
     """A non-negative decimal integer of at least minimum."""
     if text is None or text == "":
         raise bad_request(f"{what} is missing")
-    if not _DIGITS.match(text) or int(text) < minimum:
+    if not _DIGITS.match(text) or digits_value(text) < minimum:
         raise bad_request(f"{what} must be an integer >= {minimum}")
-    return int(text)
+    return digits_value(text)
 
 
-def _no_constants(name):
-    raise ValueError(f"{name} is not JSON")
+def digits_value(text):
+    """The value of a string of decimal digits; past 19 digits, just 10**19
+    (bigger than any count here, and int() refuses very long strings)."""
+    return int(text) if len(text) <= 19 else 10 ** 19
+
+
+class Unstorable:
+    """Stands, once parsed, for a number JSON cannot hold (NaN, Infinity,
+    1e999), so that the envelope's check can name the field it is in."""
+
+    def __init__(self, text):
+        self.text = text
 
 
 def _finite_float(text):
     value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text} is out of range")
-    return value
+    return Unstorable(text) if value in (float("inf"), float("-inf")) else value
 
 
 def parse_json(body, content_type):
@@ -265,20 +278,21 @@ def decode_json(data, what):
     except UnicodeDecodeError:
         raise bad_request(f"{what} is not valid UTF-8") from None
     try:
-        return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
+        return json.loads(text, parse_constant=Unstorable, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise bad_request(f"{what} is not valid JSON") from None
 
 
-def compact_json(value):
-    """JSON text without spaces, UTF-8 safe (a lone surrogate is a 400)."""
+def compact_json(value, what="body"):
+    """JSON text without spaces; a 400 naming what when it cannot be stored
+    (a lone surrogate, NaN, Infinity, a number out of range)."""
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise bad_request("body contains a lone surrogate") from None
-    except (ValueError, RecursionError):
-        raise bad_request("body is not valid JSON") from None
+        raise bad_request(f"{what} contains a lone surrogate") from None
+    except (TypeError, ValueError, RecursionError):
+        raise bad_request(f"{what} holds NaN, Infinity or a number out of range, which JSON cannot store") from None
     return text
 
 
@@ -309,7 +323,12 @@ class Envelope:
             if field in value and not isinstance(value[field], dict):
                 raise bad_request(f"{where}field {field} must be an object")
         value.pop("eventId", None)  # the server's ID is the event's ID
-        self.text = compact_json(value)
+        try:
+            self.text = compact_json(value)
+        except HTTPError:
+            for key, item in value.items():  # find the field to name
+                compact_json(item, f"{where}field {key}")
+            raise
         self.payload_span = (1, 0)
         if "payload" in value:
             # Any place where '"payload":' and the payload's text stand holds that same text.
@@ -925,25 +944,28 @@ class Store:
                                      (first_day, last_day)))
 
     def search(self, term, limit):
-        """What matches term: (category, label parts, kind of match), at most
-        limit per category. Contains ignores ASCII case (LIKE); equals is exact."""
-        pattern = "%" + re.sub(r"([\\%_])", r"\\\1", term) + "%"
+        """What matches term, at most limit per category: (stream, event
+        name) pairs, single events, streams with their producer, consumers.
+        Contains ignores the case of ASCII letters; equals is exact."""
+        if "\x00" in term:
+            return [], [], [], []  # no name or ID holds one, and stored JSON escapes it
         with self._reading() as conn:
+            # lower() of SQLite folds ASCII letters only, as "contains" asks.
             pairs = conn.execute(
                 "SELECT s.name, c.event_name FROM event_counts c JOIN streams s USING (stream_id)"
-                " WHERE c.event_name LIKE ? ESCAPE '\\' ORDER BY s.name, c.event_name LIMIT ?",
-                (pattern, limit)).fetchall()
+                " WHERE instr(lower(c.event_name), lower(?)) ORDER BY s.name, c.event_name LIMIT ?",
+                (term, limit)).fetchall()
             single = conn.execute(
                 "SELECT s.name, e.event_name, e.event_id FROM events e JOIN streams s USING (stream_id)"
                 " WHERE e.event_id = ?", (term,)).fetchall()
             single += conn.execute(
                 "SELECT s.name, e.event_name, e.event_id FROM events e JOIN streams s USING (stream_id)"
-                " WHERE substr(e.envelope, e.payload_start, e.payload_size) LIKE ? ESCAPE '\\'"
+                " WHERE instr(lower(substr(e.envelope, e.payload_start, e.payload_size)), lower(?))"
                 " AND e.event_id != ? ORDER BY e.event_pk DESC LIMIT ?",
-                (pattern, term, max(0, limit - len(pairs) - len(single)))).fetchall()
+                (term, term, max(0, limit - len(pairs) - len(single)))).fetchall()
             streams = conn.execute(
-                "SELECT name, producer_id FROM streams WHERE name LIKE ? ESCAPE '\\' OR producer_id = ?"
-                " ORDER BY name LIMIT ?", (pattern, term, limit)).fetchall()
+                "SELECT name, producer_id FROM streams WHERE instr(lower(name), lower(?)) OR producer_id = ?"
+                " ORDER BY name LIMIT ?", (term, term, limit)).fetchall()
             consumers = conn.execute(
                 "SELECT DISTINCT s.name, o.consumer_id FROM consumer_offsets o JOIN streams s USING (stream_id)"
                 " WHERE o.consumer_id = ? ORDER BY s.name LIMIT ?", (term, limit)).fetchall()
@@ -1132,7 +1154,7 @@ class Request:
         if value is None:
             return ""
         try:
-            return value.encode("latin-1").decode("utf-8").strip()
+            return value.encode("latin-1").decode("utf-8").strip(" \t")
         except UnicodeError:
             raise bad_request(f"header {name} is not valid UTF-8") from None
 
@@ -1308,7 +1330,7 @@ def percentage(part, whole):
     if whole <= 0:
         return 0
     hundredths = (part * 10000 * 2 + whole) // (2 * whole)  # exact integer rounding, half up
-    return hundredths / 100
+    return hundredths // 100 if hundredths % 100 == 0 else hundredths / 100  # 50, not 50.0, as Go writes it
 
 
 def events_per_stream(request):
@@ -1468,14 +1490,15 @@ class Router:
                     break
             else:
                 if route_method == method:
-                    return handler, self._decode(params)
+                    return handler, params
                 allowed.append(route_method)
         if allowed:
             raise HTTPError(405, headers=[("Allow", ", ".join(sorted(set(allowed))))])
         raise HTTPError(404)
 
     @staticmethod
-    def _decode(params):
+    def decode(params):
+        """The path parameters percent-decoded as UTF-8 (a 400 when they are not)."""
         try:
             return {key: urllib.parse.unquote(value, errors="strict") for key, value in params.items()}
         except UnicodeError:
@@ -1582,6 +1605,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(400, f"bad request line {self.requestline[:100]!r}")
             return False
         self.command, self.path, version = words
+        if not self.path.isascii():
+            self.send_error(400, "the request target must be ASCII: percent-encode other characters")
+            return False
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             self.send_error(505, f"{version[:20]} is not supported")
             return False
@@ -1595,7 +1621,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if len(line) > MAX_LINE or not colon or not name or name != name.strip():
                 self.send_error(431 if len(line) > MAX_LINE else 400, "bad header line")
                 return False
-            if not headers.add(name, value.strip()):
+            if not headers.add(name, value.strip(" \t\r\n")):
                 self.send_error(400, f"header {name} appears twice")
                 return False
         else:
@@ -1636,8 +1662,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if handler not in PUBLIC and not app.authorized(self.headers.get("Authorization")):
                 raise HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
             body = self._read_body(app.config.max_body)
-            query = parse_query(query_text)
-            request = Request(app, params, query, self.headers, body)
+            request = Request(app, Router.decode(params), parse_query(query_text), self.headers, body)
             try:
                 return handler(request)
             finally:
@@ -1658,7 +1683,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return b""
         if not _DIGITS.match(length_text.strip()):
             raise bad_request("Content-Length must be a non-negative integer")
-        length = int(length_text)
+        length = digits_value(length_text.strip())
         if length > max_body:
             raise HTTPError(413, str(max_body))
         if self.headers.get("Expect", "").lower() == "100-continue":
@@ -1683,7 +1708,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif self.request_version == "HTTP/1.0":
             lines.append("Connection: keep-alive")
         # One write for head and body: no small packets for Nagle to hold back.
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + reply.body)
+        body = b"" if self.command == "HEAD" else reply.body  # HEAD: the head only, as HTTP says
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
         self.status, self.sent_bytes = reply.status, len(reply.body)
 
     def send_error(self, code, message=None, explain=None):

@@ -7,6 +7,7 @@ the server as a subprocess."""
 
 import base64
 import calendar
+import datetime
 import concurrent.futures
 import http.client
 import json
@@ -390,6 +391,16 @@ class PublishTest(ServerTest):
         self.assertEqual(self.db_rows("SELECT producer_id FROM streams WHERE name = ?", stream),
                          [(f"racer-{winners[0][0]}",)])
 
+    def test_default_limits_are_1000_events_and_1_mib(self):
+        stream = fresh()
+        self.publish_ok(stream, [{"event": {"name": "A"}}] * 1000)
+        self.publish_ok(stream, {"event": {"name": "A"}})
+        self.assertEqual(len(self.client.read(stream, "A", limit=5000).json), 1000)
+        padding = "x" * (1048576 - len(json.dumps(envelope(payload={"p": ""}))))
+        self.assertEqual(self.client.publish(stream, envelope(payload={"p": padding})).status, 200)
+        self.assert_error(self.client.publish(stream, envelope(payload={"p": padding + "x"})), 413,
+                          "Payload Too Large - 1048576")
+
     def test_publish_sql_is_parameterised(self):
         stream = "x'; DROP TABLE events;--"
         event_id = self.publish_ok(stream, envelope("Robert'); DROP TABLE streams;--"))
@@ -568,6 +579,7 @@ class AckTest(ServerTest):
             ("", "application/x-www-form-urlencoded"),
             ("other=ACK", "application/x-www-form-urlencoded"),
             ('{"action": "NACK"}', "application/json"),
+            ('{"action": "ACK"}', "application/json; charset=latin-1"),
             ('{"action": ["ACK"]}', "application/json"),
             ('["ACK"]', "application/json"),
             ("{bad", "application/json"),
@@ -754,6 +766,58 @@ class ConventionsTest(ServerTest):
         response = self.client.request("POST", "/api/v1/streams/%FF%FE/events", envelope(),
                                        {"X-Producer-ID": "p"})
         self.assert_error(response, 400, starts="Bad Request - ")
+
+    def test_auth_and_size_win_over_a_malformed_path(self):
+        response = self.client.request("GET", "/api/v1/streams/%FF/events?eventName=a&limit=1", auth=False)
+        self.assert_error(response, 401, "Unauthorized")
+        response = self.client.request("POST", "/api/v1/streams/%FF/events", b"x" * 2001,
+                                       {"X-Producer-ID": "p", "Content-Type": "application/json"})
+        self.assert_error(response, 413, "Payload Too Large - 2000")
+
+    def test_bad_input_wins_over_locked(self):
+        stream = fresh()
+        self.publish_ok(stream, producer="owner")
+        self.assert_error(self.client.publish(stream, {"event": {}}, producer="intruder"), 400,
+                          starts="Bad Request - ")
+
+    def test_header_values_are_read_as_utf8(self):
+        stream = fresh()
+        for producer in ("voilà", "Å-team"):  # UTF-8 ending in bytes 0xA0 and 0x85
+            with self.subTest(producer=producer):
+                raw = producer.encode("utf-8").decode("latin-1")
+                self.publish_ok(fresh(), producer=raw)
+        self.assert_error(self.client.publish(stream, producer="caf\xe9"), 400,  # a lone Latin-1 byte
+                          "Bad Request - header X-Producer-ID is not valid UTF-8")
+        self.assert_stream_absent(stream)
+
+    def test_huge_numbers_are_not_500s(self):
+        stream = fresh()
+        self.publish_ok(stream)
+        self.assertEqual(len(self.client.read(stream, limit="1" + "0" * 5000).json), 1)  # lowered to the maximum
+        head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: {'9' * 5001}\r\n\r\n")
+        self.assertTrue(self.raw(head.encode()).startswith(b"HTTP/1.1 413 "))
+        response = self.client.request("POST", f"/api/v1/{stream}/c/OrderPlaced/change/{'9' * 5001}")
+        self.assert_error(response, 400, starts="Bad Request - offset")
+
+    def test_request_target_must_be_ascii(self):
+        answer = self.raw("POST /api/v1/streams/ü/events HTTP/1.1\r\nHost: t\r\n\r\n".encode("utf-8"))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertEqual(self.client.request("GET", "/api/v1/streams").status, 200)
+        self.assertNotIn("Ã", self.client.request("GET", "/api/v1/streams").body.decode())
+
+    def test_head_gets_no_body_and_the_connection_goes_on(self):
+        with socket.create_connection(("127.0.0.1", self.live.port), timeout=10) as sock:
+            sock.sendall(b"HEAD /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\nGET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
+            data = b""
+            while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        first, second = data.split(b"HTTP/1.1 ")[1:]
+        self.assertTrue(first.startswith(b"405 ") and first.endswith(b"\r\n\r\n"), first)
+        self.assertTrue(second.startswith(b"200 ") and second.endswith(b'{"status": "OK"}'), second)
 
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         self.client.request("GET", "/api/v1/health")
@@ -1024,6 +1088,11 @@ class StatsTest(FreshServerTest):
         rows = self.get_json("/stats/events-per-stream")
         self.assertEqual(rows, [{"label": f"s{i:02d}", "value": i + 2} for i in range(11, 1, -1)])
 
+    def test_stats_events_per_stream_breaks_ties_by_name(self):
+        for stream in ("b", "c", "a"):
+            self.publish_ok(stream, envelope("A"))
+        self.assertEqual([r["label"] for r in self.get_json("/stats/events-per-stream")], ["a", "b", "c"])
+
     def test_stats_stream_data_counts_consumed_and_ranking(self):
         self.publish_ok("big", [envelope("A")] * 10)
         self.publish_ok("mid", [envelope("A")] * 5 + [envelope("B")])
@@ -1104,6 +1173,26 @@ class SearchTest(FreshServerTest):
         self.assertEqual(len(found), 100)
         self.assertEqual(len(self.results("name")), 100)
 
+    def test_search_caps_streams_and_consumers_at_100_and_lists_a_stream_once(self):
+        for index in range(105):
+            stream = f"needle-{index:03d}"
+            self.publish_ok(stream, envelope("A"), producer="needle")
+            self.assertEqual(self.seek(stream, "needle", "A", 1).status, 200)
+        found = self.results("needle")
+        self.assertEqual(sum(1 for category, _, _ in found if category == "streams"), 100)
+        self.assertEqual(sum(1 for category, _, _ in found if category == "consumers"), 100)
+        self.assertEqual(len({label for category, label, _ in found if category == "streams"}), 100)
+        self.assertTrue(all(url.endswith("/events") for category, _, url in found if category == "streams"))
+
+    def test_search_escapes_url_parts_and_ignores_nul(self):
+        self.publish_ok("a b?c&d", envelope("A"))
+        self.assertEqual(self.seek("a b?c&d", "con sumer/1", "A", 1).status, 200)
+        self.assertEqual(self.results("con sumer/1"), [
+            ("consumers", "a b?c&d/con sumer/1",
+             "/admin/streams/a%20b%3Fc%26d/consumers?consumerId=con%20sumer%2F1")])
+        self.assertEqual(self.results("a\x00zzz"), [])
+        self.assertEqual(len(self.results("x" * 60000)), 0)
+
     def test_search_needs_a_term(self):
         for path in ("/api/v1/search", "/api/v1/search?_q=", "/api/v1/search?q=x"):
             with self.subTest(path=path):
@@ -1147,6 +1236,25 @@ class PeriodSearchTest(FreshServerTest):
                          " JOIN streams USING (stream_id) WHERE name = 't')",
                          (eventserver.utc_now().replace(eventserver.utc_now()[:4], "2001"),))
         self.assertEqual(self.get_json("/event-period-search/t?period=1month"), [])
+
+    def test_period_search_lengths(self):
+        ages = {"5 hours": 5, "7 hours": 7, "25 hours": 25, "47 hours": 47, "3 days": 72, "8 days": 192,
+                "15 days": 360, "29 days": 696, "31 days": 744}
+        ids = dict(zip(ages, self.publish_ok("s", [envelope(name) for name in ages])))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        with sqlite3.connect(self.live.db) as conn:
+            for name, hours in ages.items():
+                created = (now - datetime.timedelta(hours=hours)).isoformat(timespec="microseconds")
+                conn.execute("UPDATE events SET created_at = ? WHERE event_id = ?", (created, ids[name]))
+        expected = {"6hour": ["5 hours"], "24hour": ["5 hours", "7 hours"],
+                    "2day": ["5 hours", "7 hours", "25 hours", "47 hours"],
+                    "7day": ["5 hours", "7 hours", "25 hours", "47 hours", "3 days"],
+                    "14day": ["5 hours", "7 hours", "25 hours", "47 hours", "3 days", "8 days"],
+                    "1month": ["5 hours", "7 hours", "25 hours", "47 hours", "3 days", "8 days", "15 days", "29 days"]}
+        for period, names in expected.items():
+            with self.subTest(period=period):
+                self.assertEqual([r["eventName"] for r in self.get_json(f"/event-period-search/s?period={period}")],
+                                 names)
 
     def test_period_search_errors(self):
         self.publish_ok("s")
