@@ -458,23 +458,43 @@ class _Ticket:
 
 
 class _Transaction:
-    """What a write transaction changes besides its INSERTs: counts, offsets
-    and events per day, written by one statement each at commit, and the
-    streams it created. Cached once committed."""
+    """What a write transaction's requests change, kept until its commit:
+    new events, counts, offsets and events per day are written then, a few
+    statements for the whole batch; the streams it created (written at once,
+    for their IDs). Cached in the store once committed."""
 
-    __slots__ = ("counts", "offsets", "days", "streams")
+    __slots__ = ("events", "counts", "offsets", "days", "streams")
 
     def __init__(self):
+        self.events = []  # rows of the events table, in order
         self.counts = {}  # (stream_id, event_name) -> count
         self.offsets = {}  # (stream_id, event_name, consumer_id) -> (offset, moved_at)
         self.days = {}  # "YYYY-MM-DD" -> events added
         self.streams = {}  # name -> (stream_id, producer_id)
 
     def snapshot(self):
-        return dict(self.counts), dict(self.offsets), dict(self.days), dict(self.streams)
+        return len(self.events), dict(self.counts), dict(self.offsets), dict(self.days), dict(self.streams)
 
     def restore(self, saved):
-        self.counts, self.offsets, self.days, self.streams = saved
+        del self.events[saved[0]:]
+        self.counts, self.offsets, self.days, self.streams = saved[1:]
+
+
+SQLITE_MAX_VARIABLES = 999  # the default limit before SQLite 3.32
+
+
+def _insert(conn, table, rows, conflict=""):
+    """INSERT rows into table ("name (columns)") with as few statements as
+    the variable limit allows: one SQLite step for many rows, where
+    executemany takes a step (and a GIL hand-over) for each."""
+    if not rows:
+        return
+    per_statement = SQLITE_MAX_VARIABLES // len(rows[0])
+    row_marks = "(" + ",".join("?" * len(rows[0])) + ")"
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start:start + per_statement]
+        conn.execute(f"INSERT INTO {table} VALUES {','.join([row_marks] * len(chunk))}{conflict}",
+                     [value for row in chunk for value in row])
 
 
 def _refusal(error):
@@ -638,7 +658,8 @@ class Store:
         """Run the tickets' work in one transaction and commit it. A refusal
         (raised before the work wrote anything) leaves the rest alone; work
         that fails after writing spoils the transaction, so it is rolled back
-        and the others run again without it."""
+        and the others run again without it; when the batch's own writes
+        fail, each ticket runs again alone, to find whose they were."""
         conn = self._writer
         tx = _Transaction()
         spoiled = None
@@ -667,6 +688,10 @@ class Store:
                 spoiled.done = True
                 self._commit([ticket for ticket in batch if ticket is not spoiled])
                 return
+            if len(batch) > 1 and not self.closed:
+                for ticket in batch:
+                    self._commit([ticket])
+                return
             log.error("commit failed: %s", error)
             failure = HTTPError(503, "the server is stopping") if self.closed else _refusal(error)
             for ticket in batch:
@@ -680,21 +705,17 @@ class Store:
             ticket.done = True
 
     def _flush(self, conn, tx):
-        """Write what the transaction kept in memory: counts and offsets."""
-        if tx.counts:
-            conn.executemany(
-                "INSERT INTO event_counts (stream_id, event_name, count) VALUES (?, ?, ?)"
-                " ON CONFLICT (stream_id, event_name) DO UPDATE SET count = excluded.count",
-                [(*key, count) for key, count in tx.counts.items()])
-            conn.executemany(
-                "INSERT INTO daily_counts (day, count) VALUES (?, ?)"
-                " ON CONFLICT (day) DO UPDATE SET count = count + excluded.count", tx.days.items())
-        if tx.offsets:
-            conn.executemany(
-                "INSERT INTO consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (stream_id, event_name, consumer_id)"
-                " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at",
-                [(*key, offset, moved_at) for key, (offset, moved_at) in tx.offsets.items()])
+        """Write what the transaction's requests kept in memory."""
+        self._flush_events(conn, tx)
+        _insert(conn, "event_counts (stream_id, event_name, count)",
+                [(*key, count) for key, count in tx.counts.items()],
+                " ON CONFLICT (stream_id, event_name) DO UPDATE SET count = excluded.count")
+        _insert(conn, "daily_counts (day, count)", list(tx.days.items()),
+                " ON CONFLICT (day) DO UPDATE SET count = count + excluded.count")
+        _insert(conn, "consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)",
+                [(*key, offset, moved_at) for key, (offset, moved_at) in tx.offsets.items()],
+                " ON CONFLICT (stream_id, event_name, consumer_id)"
+                " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at")
 
     # -- the committed state in memory: loaded at start, changed only by this
     #    store's commits (so this process must be the database's only writer) --
@@ -764,7 +785,7 @@ class Store:
                     raise HTTPError(409, f"idempotency key {idempotency_key} was used for other events")
                 return known[1].split(",")
             self._remember_key(conn, stream_id, idempotency_key, fingerprint, event_ids)
-        self._append(conn, tx, stream_id, events)
+        self._append(tx, stream_id, events)
         return event_ids
 
     def _remember_key(self, conn, stream_id, key, fingerprint, event_ids):
@@ -777,19 +798,22 @@ class Store:
         tx.streams[name] = (stream_id, producer_id)
         return stream_id
 
-    def _append(self, conn, tx, stream_id, events):
-        """Insert (event_id, Envelope, created_at) in order, each with the next
-        sequence of its name. Returns the sequences."""
-        rows = []
+    def _flush_events(self, conn, tx):
+        _insert(conn, "events (event_id, stream_id, event_name, sequence, envelope, payload_start,"
+                      " payload_size, created_at)", tx.events)
+        tx.events.clear()
+
+    def _append(self, tx, stream_id, events):
+        """Add (event_id, Envelope, created_at) in order, each with the next
+        sequence of its name, to the transaction's events. Returns the sequences."""
+        sequences = []
         for event_id, envelope, created_at in events:
             sequence = tx.counts[stream_id, envelope.name] = self._count(tx, stream_id, envelope.name) + 1
             tx.days[created_at[:10]] = tx.days.get(created_at[:10], 0) + 1
-            rows.append((event_id, stream_id, envelope.name, sequence, envelope.text, *envelope.payload_span,
-                         created_at))
-        conn.executemany(
-            "INSERT INTO events (event_id, stream_id, event_name, sequence, envelope,"
-            " payload_start, payload_size, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        return [row[3] for row in rows]
+            tx.events.append((event_id, stream_id, envelope.name, sequence, envelope.text,
+                              *envelope.payload_span, created_at))
+            sequences.append(sequence)
+        return sequences
 
     def read(self, stream, event_name, consumer_id, limit):
         """The JSON text of up to limit events of that name past the
@@ -1030,6 +1054,8 @@ class Store:
                 if raw.strip():
                     try:
                         self._import_line(conn, tx, decode_json(raw, "line"))
+                        if len(tx.events) >= 10_000:  # write as it goes: a dump may not fit in memory
+                            self._flush_events(conn, tx)
                     except HTTPError as error:
                         raise LoadError(number, error.text.partition(" - ")[2] or error.text) from None
                     except (KeyError, TypeError, AttributeError, ValueError) as error:
@@ -1055,7 +1081,7 @@ class Store:
             if envelope.name != record["eventName"]:
                 raise bad_request("eventName is not the envelope's event.name")
             event = (check_event_id(record["eventId"]), envelope, _time(record["createdAt"]))
-            if self._append(conn, tx, stream_id, [event]) != [record["sequence"]]:
+            if self._append(tx, stream_id, [event]) != [record["sequence"]]:
                 raise bad_request(f"sequence {record['sequence']} is not the next of {envelope.name}")
         elif kind == "offset":
             event_name = check_name("eventName", record["eventName"])

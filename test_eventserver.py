@@ -889,7 +889,7 @@ class InternalErrorTest(ServerTest):
         with sqlite3.connect(self.live.db) as conn:
             conn.execute("ALTER TABLE daily_counts_gone RENAME TO daily_counts")
 
-    def test_a_request_failing_after_it_wrote_spares_the_others_in_its_commit(self):
+    def test_a_request_whose_write_fails_spares_the_others_in_its_commit(self):
         with sqlite3.connect(self.live.db) as conn:  # events named Poison cannot be stored
             conn.execute("CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.event_name = 'Poison'"
                          " BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
@@ -900,7 +900,7 @@ class InternalErrorTest(ServerTest):
             with concurrent.futures.ThreadPoolExecutor(6) as pool:
                 store._write_lock.acquire()  # let all six queue up for one commit
                 try:
-                    # the poisoned publish creates its stream (a write) before its event fails
+                    # the poisoned publish creates its stream (a write), then its event fails at commit
                     futures = [pool.submit(with_client, self.live.port, lambda c: c.publish(poisoned, envelope("Poison")))]
                     futures += [pool.submit(with_client, self.live.port, lambda c, s=s: c.publish(s)) for s in healthy]
                     time.sleep(0.5)
