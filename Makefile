@@ -7,12 +7,12 @@ run:
 	$(PYTHON) eventserver.py
 
 test:
-	$(PYTHON) -m unittest -v test_eventserver
+	$(PYTHON) test_eventserver.py
 
 # Needs Chromium (Debian: apt-get install chromium); skips, saying so, without it.
 # SCREENSHOT=path.png keeps the screenshot it takes.
 test-browser:
-	$(PYTHON) -m unittest -v test_dashboard
+	$(PYTHON) test_dashboard.py
 
 bench:
 	$(PYTHON) bench_eventserver.py

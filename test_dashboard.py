@@ -16,7 +16,7 @@ import tempfile
 import unittest
 import urllib.parse
 
-from test_eventserver import PASSWORD, USER, Client, Process, envelope
+from test_eventserver import PASSWORD, USER, Client, Process, envelope, main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 XSS = "<img src=x onerror=alert(1)>"
@@ -135,4 +135,4 @@ class DashboardInBrowserTest(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    main()
