@@ -22,7 +22,19 @@ the ratio server / baseline and the server's peak RSS and CPU:
 - consume: every connection is a consumer that reads ``limit=100`` and
            acknowledges each event in order; the server figure is events/s and
            the ratio is events/s / baseline requests/s of the same request mix;
-- mixed:   4 publishers and 4 consumers at once (one row each).
+- mixed:   4 publishers and 4 consumers at once (one row each);
+- waiters: only when named (``--scenarios waiters``, about a minute), not against
+           the baseline: the publish load at 8 connections, alternately
+           without and with 100 long-poll reads waiting (``--waiters``), for
+           5 rounds (``--waiter-rounds``; the order flips each round, so drift
+           falls on both alike). The waiters are another process: 100 more
+           keep-alive connections, each holding a ``wait=30`` read of an event
+           name nobody publishes on one of the publish streams, and reading
+           again when one returns; they are not counted as requests. After
+           each run one event of that name per stream releases them and they
+           disconnect, so the next run starts without them (the server's
+           thread count is checked both ways). It reports the median
+           publishes/s of each and the change (issue 5: at most 10% slower).
 
 With ``--scale`` it then loads 1,000,000 more events (100 streams) through the
 batch API and runs publish and read again, to compare with the first figures.
@@ -33,6 +45,7 @@ Run it (``make bench`` runs the first line):
     python3 bench_eventserver.py                  # about 2 minutes on 2 cores
     python3 bench_eventserver.py --sync normal
     python3 bench_eventserver.py --scale          # adds the 1,000,000-event runs, about 5 minutes in all
+    python3 bench_eventserver.py --scenarios waiters   # publishing with and without 100 long polls
     python3 bench_eventserver.py --repeat 3       # median of 3 per figure: steadier on a shared machine
     python3 bench_eventserver.py --duration 2 --connections 8 --scenarios publish,read
     python3 bench_eventserver.py --build-db big.db --events 1000000 --streams 100
@@ -101,12 +114,16 @@ class BenchError(Exception):
 
 # Configuration ###############################################################
 
-SCENARIOS = ("publish", "read", "consume", "mixed")
+SCENARIOS = ("publish", "read", "consume", "mixed", "waiters")
+DEFAULT_SCENARIOS = ("publish", "read", "consume", "mixed")   # waiters takes about a minute more: asked for by name
 PUBLISH_STREAMS = 16                 # the publish scenario spreads its POSTs over this many streams
 READ_LIMIT = 10                      # limit= of the read scenario
 CONSUME_LIMIT = 100                  # limit= of the consume scenario
 MIXED_PUBLISHERS = 4
 MIXED_CONSUMERS = 4
+WAITERS_PUBLISHERS = 8               # publish connections of the waiters scenario
+WAITERS_WAIT = 30                    # wait= of each long-poll read (the server's default --max-wait)
+WAITERS_NAME = "BenchNobodyPublishes"   # the waiters' event name (+ a suffix per run); released by one event
 LOAD_BATCH = 1000                    # envelopes per POST when preloading (the API's maximum)
 LOAD_CONNECTIONS = 4                 # concurrent loader connections
 EVENT_NAME = "OrderPlaced"
@@ -127,8 +144,16 @@ def parse_args(argv):
                         help="unmeasured seconds before each run (default 1)")
     parser.add_argument("--connections", default="1,8,32",
                         help="comma-separated connection counts (default 1,8,32)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help="comma-separated subset of %s (default all)" % ",".join(SCENARIOS))
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+                        help="comma-separated subset of %s (default %s; waiters, about a minute with the "
+                             "defaults, runs only when named)" % (",".join(SCENARIOS),
+                                                                  ",".join(DEFAULT_SCENARIOS)))
+    parser.add_argument("--waiters", type=int, default=100, metavar="N",
+                        help="waiters scenario: long-poll reads held open during the 'with' runs "
+                             "(default 100)")
+    parser.add_argument("--waiter-rounds", type=int, default=5, metavar="N",
+                        help="waiters scenario: rounds of one run without and one with the waiters, "
+                             "alternating which goes first (default 5)")
     parser.add_argument("--client-procs", type=int, default=0,
                         help="load-client processes per run (default: min(connections, CPUs))")
     parser.add_argument("--repeat", type=int, default=1,
@@ -174,6 +199,8 @@ def parse_args(argv):
         parser.error("unknown scenario(s) %s; choose from %s" % (",".join(unknown), ",".join(SCENARIOS)))
     if args.duration <= 0 or args.warmup < 0 or args.repeat < 1:
         parser.error("--duration must be > 0, --warmup >= 0 and --repeat >= 1")
+    if args.waiters < 1 or args.waiter_rounds < 1:
+        parser.error("--waiters and --waiter-rounds must be >= 1")
     if args.client == "wrk" and not shutil.which("wrk"):
         parser.error("--client wrk: wrk is not on PATH")
     if args.build_db is None and not os.path.exists(args.server):
@@ -999,6 +1026,300 @@ def pair_row(scenario, connections, phase, role, figures, use_wrk):
     }
 
 
+# Long-poll waiters ###########################################################
+# The waiters scenario: publish throughput with and without long-poll reads
+# held open. The waiters live in their own process, driven over a pipe:
+# ("hold", name) connects and sends the reads, ("release",) stops re-reading,
+# waits for the answers the releasing events cause, disconnects and reports.
+
+class WaiterConnection(ClientConnection):
+    """A keep-alive socket that sends one long-poll read again and again (no session)."""
+
+    def __init__(self, target, request):
+        self.target = target
+        self.request = request
+        self.connect()
+
+
+def waiter_requests(target, count, event_name):
+    """The read each waiter sends: spread over the publish streams, one consumer ID each."""
+    requests = []
+    for index in range(count):
+        path = "%s?eventName=%s&limit=1&wait=%d" % (stream_path(publish_stream(index % PUBLISH_STREAMS)),
+                                                    urllib.parse.quote(event_name, safe=""), WAITERS_WAIT)
+        requests.append(http_request(target, "GET", path, {"X-Consumer-ID": "bench-waiter-%03d" % index}))
+    return requests
+
+
+def waiter_worker(target, count, pipe):
+    """The waiters' process: obeys hold / release / stop on the pipe."""
+    try:
+        while True:
+            command = pipe.recv()
+            if command[0] == "stop":
+                return
+            if command[0] == "hold":
+                pipe.send(("released", hold_waiters(target, count, command[1], pipe)))
+    except (EOFError, KeyboardInterrupt):
+        return
+
+
+def hold_waiters(target, count, event_name, pipe):
+    """Connect `count` waiters and keep their reads waiting until told to release; their figures."""
+    stats = {"connected": 0, "reads": 0, "timed_out": 0, "early": 0, "released": 0, "unanswered": 0,
+             "errors": {}, "samples": [], "shortest_wait_s": None}
+
+    def error(kind, detail):
+        stats["errors"][kind] = stats["errors"].get(kind, 0) + 1
+        if len(stats["samples"]) < 5:
+            stats["samples"].append("%s: %s" % (kind, detail[:300]))
+
+    selector = selectors.DefaultSelector()
+    connections = []
+    try:
+        for request in waiter_requests(target, count, event_name):
+            try:
+                connection = WaiterConnection(target, request)
+            except OSError as failure:
+                error("connect", repr(failure))
+                continue
+            connections.append(connection)
+            selector.register(connection.sock, selectors.EVENT_READ, connection)
+            connection.send(time.monotonic())
+            stats["reads"] += 1
+        stats["connected"] = len(connections)
+        pipe.send(("held", stats["connected"]))
+        selector.register(pipe.fileno(), selectors.EVENT_READ, None)
+        pending = set(connections)
+        release_deadline = None
+        while pending:
+            timeout = 1.0 if release_deadline is None else release_deadline - time.monotonic()
+            if release_deadline is not None and timeout <= 0:
+                break
+            for key, _ in selector.select(timeout):
+                connection = key.data
+                if connection is None:   # the pipe: release
+                    pipe.recv()
+                    selector.unregister(pipe.fileno())
+                    release_deadline = time.monotonic() + 15.0
+                    continue
+                try:
+                    data = connection.sock.recv(65536)
+                    if not data:
+                        raise ConnectionError("server closed the connection")
+                    answer = connection.take_answer(data)
+                except (OSError, ValueError) as failure:
+                    error("connection", repr(failure))
+                    selector.unregister(connection.sock)
+                    pending.discard(connection)
+                    continue
+                if answer is None:
+                    continue
+                status, body, close_after = answer
+                waited = time.monotonic() - connection.sent_at
+                if status != 200:
+                    error(str(status), body.decode("utf-8", "replace"))
+                    selector.unregister(connection.sock)
+                    pending.discard(connection)   # not read again: an error must not become a busy loop
+                    continue
+                if body.strip() != b"[]":
+                    stats["released"] += 1
+                    if release_deadline is None:
+                        error("event", "an event arrived before the release: %s" % body[:200])
+                    selector.unregister(connection.sock)
+                    pending.discard(connection)
+                    continue
+                if stats["shortest_wait_s"] is None or waited < stats["shortest_wait_s"]:
+                    stats["shortest_wait_s"] = round(waited, 3)
+                if waited >= WAITERS_WAIT - 1:
+                    stats["timed_out"] += 1
+                else:
+                    stats["early"] += 1
+                if release_deadline is not None:
+                    selector.unregister(connection.sock)
+                    pending.discard(connection)
+                    continue
+                if close_after:
+                    selector.unregister(connection.sock)
+                    connection.sock.close()
+                    connection.connect()
+                    selector.register(connection.sock, selectors.EVENT_READ, connection)
+                connection.send(time.monotonic())
+                stats["reads"] += 1
+        stats["unanswered"] = len(pending)
+    finally:
+        for connection in connections:
+            connection.sock.close()
+        selector.close()
+    return stats
+
+
+def thread_count(pid):
+    """The process's threads (the server runs one per connection), from /proc."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def settle_threads(pid, wanted, timeout=10.0):
+    """Wait until wanted(thread count) holds; the last count seen and whether it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = thread_count(pid)
+        if count is None or wanted(count):
+            return count, True
+        if time.monotonic() > deadline:
+            return count, False
+        time.sleep(0.05)
+
+
+def steady_threads(pid, timeout=5.0):
+    """The thread count once it has stayed the same for 0.5 s (threads of closed connections gone)."""
+    deadline = time.monotonic() + timeout
+    last, since = thread_count(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        count = thread_count(pid)
+        if count != last:
+            last, since = count, time.monotonic()
+        elif time.monotonic() - since >= 0.5:
+            break
+    return last
+
+
+def publish_one(target, stream, event_name):
+    """POST one envelope with this event name to the stream, as its owner."""
+    envelope = json.loads(envelope_bytes(0))
+    envelope["event"]["name"] = event_name
+    status, body = simple_request(target, "POST", stream_path(stream), {
+        "Content-Type": "application/json", "X-Producer-ID": producer_id(stream)},
+        json.dumps(envelope).encode())
+    if status != 200:
+        raise BenchError("publishing %s to %s: %d %s" % (event_name, stream, status, body[:300]))
+
+
+def run_waiters(server, args, problems):
+    """Publish at WAITERS_PUBLISHERS connections, alternately without and with args.waiters long
+    polls waiting, args.waiter_rounds rounds; the summary (also printed row by row)."""
+    for index in range(PUBLISH_STREAMS):   # the waiters' streams must exist, else their reads are 404s
+        publish_one(server.target, publish_stream(index), EVENT_NAME)
+    idle = steady_threads(server.pid)
+    context = multiprocessing.get_context("fork")
+    pipe, child_pipe = context.Pipe()
+    worker = context.Process(target=waiter_worker, args=(server.target, args.waiters, child_pipe),
+                             daemon=True)
+    worker.start()
+    run_id = uuid.uuid4().hex[:8]
+    runs = []
+
+    def receive(what, timeout=60.0):
+        if not pipe.poll(timeout):
+            raise BenchError("the waiters' process did not answer %s within %.0f s" % (what, timeout))
+        return pipe.recv()
+
+    def one_run(round_number, with_waiters):
+        threads, settled = settle_threads(server.pid, lambda count: count <= idle)
+        if not settled:
+            problems.append("waiters round %d: server threads %s before the run, %s when idle"
+                            % (round_number, threads, idle))
+        held = None
+        if with_waiters:
+            name = "%s-%s-%d" % (WAITERS_NAME, run_id, round_number)
+            pipe.send(("hold", name))
+            reply = receive("hold")
+            if reply[0] != "held":
+                raise BenchError("waiters: %r" % (reply,))
+            threads, settled = settle_threads(server.pid, lambda count: count >= idle + reply[1])
+            if not settled or reply[1] < args.waiters:
+                problems.append("waiters round %d: %d of %d waiters connected, server threads %s (idle %s)"
+                                % (round_number, reply[1], args.waiters, threads, idle))
+            threads_before = threads
+        else:
+            threads_before = thread_count(server.pid)
+        meter = ProcessMeter(server.pid)
+        specs = scenario_specs("publish", WAITERS_PUBLISHERS, False, "waiters%d-%s" % (round_number, run_id))
+        figures = run_load(server, specs, args, meter)
+        threads_after = thread_count(server.pid)
+        if with_waiters:
+            pipe.send(("release",))
+            for index in range(min(args.waiters, PUBLISH_STREAMS)):
+                publish_one(server.target, publish_stream(index), name)
+            reply = receive("release")
+            held = reply[1]
+            if held["errors"] or held["early"] or held["unanswered"]:
+                problems.append("waiters round %d: %s" % (round_number, {
+                    key: held[key] for key in ("connected", "early", "unanswered", "errors", "samples")}))
+        served = figures["roles"]["publish"]
+        run = {"round": round_number, "waiters": args.waiters if with_waiters else 0,
+               "requests_per_s": round(served["requests_per_s"], 1), "p50_ms": served["p50_ms"],
+               "p99_ms": served["p99_ms"], "errors": served["errors"], "error_samples": served["error_samples"],
+               "server_cpu_percent": figures["server_cpu_percent"],
+               "client_cpu_percent": figures["client_cpu_percent"], "peak_rss_mb": figures["peak_rss_mb"],
+               "server_threads": [threads_before, threads_after], "waiter_stats": held}
+        if served["errors"]:
+            problems.append("waiters round %d (%s): server errors %s" % (
+                round_number, "with" if with_waiters else "alone", served["errors"]))
+        runs.append(run)
+        return run
+
+    try:
+        for round_number in range(1, args.waiter_rounds + 1):
+            order = (False, True) if round_number % 2 else (True, False)
+            done = {with_waiters: one_run(round_number, with_waiters) for with_waiters in order}
+            alone, held = done[False], done[True]
+            print("  waiters round %d/%d: alone %s/s (p99 %s ms, CPU %s%%, %s threads) | with %d waiting "
+                  "%s/s (p99 %s ms, CPU %s%%, %s threads) %+.1f%%" % (
+                      round_number, args.waiter_rounds, fmt_int(alone["requests_per_s"]),
+                      fmt(alone["p99_ms"], 1), fmt(alone["server_cpu_percent"], 0),
+                      alone["server_threads"][0], args.waiters, fmt_int(held["requests_per_s"]),
+                      fmt(held["p99_ms"], 1), fmt(held["server_cpu_percent"], 0), held["server_threads"][0],
+                      change_percent(alone["requests_per_s"], held["requests_per_s"])), flush=True)
+        pipe.send(("stop",))
+        worker.join(5)
+    finally:
+        if worker.is_alive():
+            worker.terminate()
+            worker.join(5)
+    alone = [run for run in runs if not run["waiters"]]
+    held = [run for run in runs if run["waiters"]]
+    alone_rps = statistics.median(run["requests_per_s"] for run in alone)
+    held_rps = statistics.median(run["requests_per_s"] for run in held)
+    return {"publish_connections": WAITERS_PUBLISHERS, "waiters": args.waiters, "wait_s": WAITERS_WAIT,
+            "rounds": args.waiter_rounds, "idle_server_threads": idle,
+            "alone_requests_per_s": round(alone_rps, 1), "with_requests_per_s": round(held_rps, 1),
+            "change_percent": round(change_percent(alone_rps, held_rps), 3),
+            "round_changes_percent": [round(change_percent(a["requests_per_s"], h["requests_per_s"]), 3)
+                                      for a, h in zip(alone, held)],
+            "alone_p99_ms": statistics.median(run["p99_ms"] for run in alone),
+            "with_p99_ms": statistics.median(run["p99_ms"] for run in held),
+            "alone_server_cpu_percent": statistics.median(run["server_cpu_percent"] for run in alone),
+            "with_server_cpu_percent": statistics.median(run["server_cpu_percent"] for run in held),
+            "runs": runs}
+
+
+def change_percent(before, after):
+    return 100.0 * (after / before - 1) if before else 0.0
+
+
+def print_waiters(summary):
+    print()
+    print("Long-poll waiters: publish throughput, median of %d round(s), without and with %d reads "
+          "waiting (wait=%d)" % (summary["rounds"], summary["waiters"], summary["wait_s"]))
+    print("publish %d conns: %s/s alone, %s/s with %d long-polls waiting (%+.1f%%)" % (
+        summary["publish_connections"], fmt_int(summary["alone_requests_per_s"]),
+        fmt_int(summary["with_requests_per_s"]), summary["waiters"], summary["change_percent"]))
+    print("  per round %s; p99 %s -> %s ms; server CPU %s%% -> %s%%; issue 5 allows -10%%: %s" % (
+        ", ".join("%+.1f%%" % change for change in summary["round_changes_percent"]),
+        fmt(summary["alone_p99_ms"], 1), fmt(summary["with_p99_ms"], 1),
+        fmt(summary["alone_server_cpu_percent"], 0), fmt(summary["with_server_cpu_percent"], 0),
+        "within" if summary["change_percent"] >= -10 else "OVER"))
+
+
 # Report ######################################################################
 
 TABLE_HEAD = ("%-16s %5s | %9s %8s %8s %7s %5s | %9s %8s %8s | %6s  %s"
@@ -1310,7 +1631,7 @@ def build_database(args):
 
 def run_benchmark(args, machine):
     user, password = "bench", uuid.uuid4().hex
-    results, loads, problems = [], {}, []
+    results, loads, problems, waiters = [], {}, [], None
     with tempfile.TemporaryDirectory(prefix="bench-eventserver-") as workdir:
         baseline = Service("baseline", [sys.executable, os.path.abspath(__file__), "--baseline-server",
                                         "--user", user, "--password", password], workdir, user, password)
@@ -1320,8 +1641,9 @@ def run_benchmark(args, machine):
             print("server:   %s (pid %d)" % (server.banner, server.pid))
             print("baseline: %s (pid %d)" % (baseline.banner, baseline.pid))
             print()
-            print(TABLE_HEAD)
-            print("-" * len(TABLE_HEAD), flush=True)
+            if set(args.scenarios) & set(DEFAULT_SCENARIOS) or args.scale:
+                print(TABLE_HEAD)
+                print("-" * len(TABLE_HEAD), flush=True)
             if "publish" in args.scenarios:
                 for connections in args.connections:
                     run_pair("publish", connections, "base", server, baseline, args, workdir, results)
@@ -1338,6 +1660,11 @@ def run_benchmark(args, machine):
             if "mixed" in args.scenarios:
                 run_pair("mixed", MIXED_PUBLISHERS + MIXED_CONSUMERS, "base", server, baseline, args,
                          workdir, results)
+            if "waiters" in args.scenarios:
+                print("  waiters: publish at %d connections, alternately without and with %d long-poll "
+                      "reads waiting, %d round(s) ..." % (WAITERS_PUBLISHERS, args.waiters, args.waiter_rounds),
+                      flush=True)
+                waiters = run_waiters(server, args, problems)
             if args.scale:
                 print("  loading %s events in %d streams (--scale) ..." % (
                     f"{args.scale_events:,}", args.scale_streams), flush=True)
@@ -1365,7 +1692,10 @@ def run_benchmark(args, machine):
             if row["server"]["errors"]:
                 problems.append("%s %d conns: server errors %s" % (row["scenario"], row["connections"],
                                                                      row["server"]["errors"]))
-    print_table(results)
+    if results:
+        print_table(results)
+    if waiters:
+        print_waiters(waiters)
     for problem in problems:
         print("PROBLEM: %s" % problem)
     if args.json:
@@ -1373,13 +1703,14 @@ def run_benchmark(args, machine):
                     "command": [sys.executable, sys.argv[0]] + sys.argv[1:], "machine": machine,
                     "config": {"sync": args.sync, "duration_s": args.duration, "warmup_s": args.warmup,
                                "connections": args.connections, "scenarios": args.scenarios,
-                               "repeat": args.repeat,
+                               "repeat": args.repeat, "waiters": args.waiters,
+                               "waiter_rounds": args.waiter_rounds,
                                "client": args.client, "envelope_bytes": ENVELOPE_SIZE,
                                "read_events": args.read_events, "scale": args.scale,
                                "scale_events": args.scale_events if args.scale else None,
                                "scale_streams": args.scale_streams if args.scale else None},
                     "server": server.banner if server else None, "loads": loads, "results": results,
-                    "problems": problems}
+                    "waiters": waiters, "problems": problems}
         with open(args.json, "w") as f:
             json.dump(document, f, indent=1)
         print("\nfigures written to %s" % args.json)
