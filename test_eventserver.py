@@ -858,6 +858,16 @@ class TimeoutTest(ServerTest):
 
     flags = ("--timeout", "0.5")
 
+    def test_a_body_that_stops_short_is_dropped_without_an_answer(self):
+        stream = fresh()
+        head = (f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: 100\r\n\r\n")
+        with self.assertNoLogs("eventserver", level="ERROR"):
+            with socket.create_connection(("127.0.0.1", self.live.port), timeout=10) as sock:
+                sock.sendall(head.encode() + b'{"event": {"name"')
+                self.assertEqual(sock.recv(100), b"")  # closed by the server after the timeout
+        self.assert_stream_absent(stream)
+
     def test_idle_and_half_sent_connections_are_closed_after_the_timeout(self):
         for sent in (b"", b"GET /api/v1/health HTTP/1.1\r\nHost:"):
             with self.subTest(sent=sent):
