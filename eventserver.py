@@ -394,7 +394,7 @@ MIGRATIONS = [
         UNIQUE (stream_id, event_name, sequence)
     );
     CREATE INDEX events_by_time ON events (stream_id, created_at);
-    -- kept inside the write transaction so counts never need a scan of events
+    -- counts kept by the INSERT of each event, so they never need a scan of events
     CREATE TABLE event_counts (
         stream_id  INTEGER NOT NULL REFERENCES streams,
         event_name TEXT NOT NULL,
@@ -405,6 +405,12 @@ MIGRATIONS = [
         day   TEXT PRIMARY KEY,
         count INTEGER NOT NULL
     ) WITHOUT ROWID;
+    CREATE TRIGGER events_counted AFTER INSERT ON events BEGIN
+        INSERT INTO event_counts (stream_id, event_name, count) VALUES (NEW.stream_id, NEW.event_name, NEW.sequence)
+            ON CONFLICT (stream_id, event_name) DO UPDATE SET count = excluded.count;
+        INSERT INTO daily_counts (day, count) VALUES (substr(NEW.created_at, 1, 10), 1)
+            ON CONFLICT (day) DO UPDATE SET count = count + 1;
+    END;
     CREATE TABLE consumer_offsets (
         stream_id       INTEGER NOT NULL REFERENCES streams,
         event_name      TEXT NOT NULL,
@@ -424,6 +430,17 @@ MIGRATIONS = [
     ) WITHOUT ROWID;
     """,
 ]
+
+
+def _statements(script):
+    """The SQL statements of a script, one by one (a trigger's body keeps its
+    semicolons), so that they run inside the caller's transaction."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
 
 
 StreamTotals = collections.namedtuple(
@@ -461,25 +478,24 @@ class _Ticket:
 
 class _Transaction:
     """What a write transaction's requests change, kept until its commit:
-    new events, counts, offsets and events per day are written then, a few
-    statements for the whole batch; the streams it created (written at once,
-    for their IDs). Cached in the store once committed."""
+    new events and offsets are written then, a statement each for the whole
+    batch; the streams it created were written at once (for their IDs).
+    Cached in the store, with the counts, once committed."""
 
-    __slots__ = ("events", "counts", "offsets", "days", "streams")
+    __slots__ = ("events", "counts", "offsets", "streams")
 
     def __init__(self):
         self.events = []  # rows of the events table, in order
         self.counts = {}  # (stream_id, event_name) -> count
         self.offsets = {}  # (stream_id, event_name, consumer_id) -> (offset, moved_at)
-        self.days = {}  # "YYYY-MM-DD" -> events added
         self.streams = {}  # name -> (stream_id, producer_id)
 
     def snapshot(self):
-        return len(self.events), dict(self.counts), dict(self.offsets), dict(self.days), dict(self.streams)
+        return len(self.events), dict(self.counts), dict(self.offsets), dict(self.streams)
 
     def restore(self, saved):
         del self.events[saved[0]:]
-        self.counts, self.offsets, self.days, self.streams = saved[1:]
+        self.counts, self.offsets, self.streams = saved[1:]
 
 
 SQLITE_MAX_VARIABLES = 999  # the default limit before SQLite 3.32
@@ -582,9 +598,8 @@ class Store:
                 raise sqlite3.DatabaseError(
                     f"schema version {version} is newer than this eventserver ({SCHEMA_VERSION})")
             for number in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _statements(MIGRATIONS[number]):
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -715,12 +730,7 @@ class Store:
 
     def _flush(self, conn, tx):
         """Write what the transaction's requests kept in memory."""
-        self._flush_events(conn, tx)
-        _insert(conn, "event_counts (stream_id, event_name, count)",
-                [(*key, count) for key, count in tx.counts.items()],
-                " ON CONFLICT (stream_id, event_name) DO UPDATE SET count = excluded.count")
-        _insert(conn, "daily_counts (day, count)", list(tx.days.items()),
-                " ON CONFLICT (day) DO UPDATE SET count = count + excluded.count")
+        self._flush_events(conn, tx)  # the counts follow (trigger events_counted)
         _insert(conn, "consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)",
                 [(*key, offset, moved_at) for key, (offset, moved_at) in tx.offsets.items()],
                 " ON CONFLICT (stream_id, event_name, consumer_id)"
@@ -818,7 +828,6 @@ class Store:
         sequences = []
         for event_id, envelope, created_at in events:
             sequence = tx.counts[stream_id, envelope.name] = self._count(tx, stream_id, envelope.name) + 1
-            tx.days[created_at[:10]] = tx.days.get(created_at[:10], 0) + 1
             tx.events.append((event_id, stream_id, envelope.name, sequence, envelope.text,
                               *envelope.payload_span, created_at))
             sequences.append(sequence)

@@ -883,21 +883,19 @@ class InternalErrorTest(ServerTest):
     def test_internal_error_is_a_json_500_without_traceback_and_stores_nothing(self):
         stream = fresh()
         self.publish_ok(stream)
-        with sqlite3.connect(self.live.db) as conn:  # break the schema under the running server
-            conn.execute("ALTER TABLE daily_counts RENAME TO daily_counts_gone")
+        with sqlite3.connect(self.live.db) as conn:  # break the database under the running server
+            conn.execute("CREATE TRIGGER broken BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'broken'); END")
         self.addCleanup(self._restore)
-        import logging
         with self.assertLogs("eventserver", level="ERROR"):
             response = self.client.publish(stream)
         body = self.assert_error(response, 500, starts="Internal Server Error")
         self.assertNotIn("Traceback", body)
         self.assertEqual(len(self.client.read(stream).json), 1)
         self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
-        del logging
 
     def _restore(self):
         with sqlite3.connect(self.live.db) as conn:
-            conn.execute("ALTER TABLE daily_counts_gone RENAME TO daily_counts")
+            conn.execute("DROP TRIGGER broken")
 
     def test_a_request_whose_write_fails_spares_the_others_in_its_commit(self):
         with sqlite3.connect(self.live.db) as conn:  # events named Poison cannot be stored
