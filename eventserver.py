@@ -157,7 +157,8 @@ def server_arguments(parser):
 
 
 def parse_config(argv, environ):
-    parser = _ArgumentParser(prog="eventserver.py", description=__doc__.split("\n\n")[0])
+    parser = _ArgumentParser(prog="eventserver.py", description=__doc__.split("\n\n")[0],
+                             epilog="Also: eventserver.py export|import|backup --help")
     server_arguments(parser)
     parser.add_argument("--version", action="version", version=f"eventserver {__version__}")
     return Config(parser.parse_args(argv), environ)
@@ -167,10 +168,10 @@ def parse_config(argv, environ):
 
 REASONS = {
     200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    405: "Method Not Allowed", 409: "Conflict",
     411: "Length Required", 413: "Payload Too Large", 414: "URI Too Long",
     423: "Locked", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 501: "Not Implemented",
+    500: "Internal Server Error",
     503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
 
@@ -516,7 +517,8 @@ def _insert(conn, table, rows, conflict=""):
 
 
 def _refusal(error):
-    """The HTTPError a failed piece of work answers with; database errors are 500s."""
+    """What a failed piece of work raises to its caller: a database error
+    becomes a 500; anything else (an HTTPError, a LoadError) as it is."""
     if isinstance(error, sqlite3.Error):
         log.error("write failed: %s", error)
         return HTTPError(500, "the write failed")
@@ -561,8 +563,13 @@ class Store:
             self._migrate()
             self._identity = _file_identity(path)
             self._load_state()
-        except sqlite3.Error as error:
-            raise StoreError(f"cannot open database {path}: {error}") from None
+        except (sqlite3.Error, StoreError) as error:
+            with contextlib.suppress(AttributeError, sqlite3.Error):
+                self._writer.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            raise error if isinstance(error, StoreError) else StoreError(
+                f"cannot open database {path}: {error}") from None
 
     def _load_state(self):
         """Read the committed state kept in memory: streams, counts, offsets."""
@@ -590,13 +597,17 @@ class Store:
         return conn
 
     def _migrate(self):
+        """Bring the schema to SCHEMA_VERSION; a database already there is not written to."""
         conn = self._writer
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"schema version {version} is newer than this eventserver ({SCHEMA_VERSION})")
+        if version == SCHEMA_VERSION:
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"schema version {version} is newer than this eventserver ({SCHEMA_VERSION})")
             for number in range(version, SCHEMA_VERSION):
                 for statement in _statements(MIGRATIONS[number]):
                     conn.execute(statement)
@@ -607,7 +618,9 @@ class Store:
             raise
 
     def close(self):
-        """Close every connection; later calls raise StoreError."""
+        """Close every connection (once); later requests get a 503."""
+        if self.closed:
+            return
         self.closed = True
         self.wake_all()
         with self._write_lock:
@@ -619,6 +632,7 @@ class Store:
                 break
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # only now: see _lock_exclusively
+            self._lock_fd = None
 
     # -- transactions ---------------------------------------------------------
 
@@ -646,7 +660,10 @@ class Store:
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
-            self._readers.put(conn)
+            if self.closed:
+                conn.close()  # close() has emptied the pool already
+            else:
+                self._readers.put(conn)
 
     def _transact(self, work):
         """Run work(conn, tx) in a write transaction, maybe shared with other
@@ -667,6 +684,8 @@ class Store:
                     self._commit(batch)
             finally:
                 for other in batch:
+                    if not other.done:  # _commit did not finish: never let a request think it committed
+                        other.result, other.error, other.done = None, HTTPError(500, "the commit failed"), True
                     if other is not ticket:
                         other.wake()
                 with self._queue_lock:  # whoever queued during the commit leads the next one
@@ -704,10 +723,12 @@ class Store:
                         raise
             self._flush(conn, tx)
             conn.execute("COMMIT")
-        except Exception as error:
+        except BaseException as error:
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+            if not isinstance(error, Exception):
+                raise
             if spoiled is not None:
                 spoiled.done = True
                 self._commit([ticket for ticket in batch if ticket is not spoiled])
@@ -843,16 +864,26 @@ class Store:
         with self._reading(quick=True) as conn:
             # SQLite splices "eventId" into each stored envelope and joins them: one
             # step for the whole answer, where fetching row by row costs a step each.
-            events, event_ids = conn.execute(
+            events, listed = conn.execute(
                 "SELECT '[' || group_concat('{\"eventId\":\"' || event_id || '\",' || substr(envelope, 2)) || ']',"
-                " group_concat(event_id)"
-                " FROM (SELECT event_id, envelope FROM events WHERE stream_id = ? AND event_name = ? AND sequence > ?"
-                "  ORDER BY sequence LIMIT ?)", (stream_id, event_name, offset, limit)).fetchone()
+                " group_concat(sequence || ' ' || event_id)"
+                " FROM (SELECT event_id, envelope, sequence FROM events"
+                "  WHERE stream_id = ? AND event_name = ? AND sequence > ? ORDER BY sequence LIMIT ?)",
+                (stream_id, event_name, offset, limit)).fetchone()
+            listed = [item.split(" ") for item in listed.split(",")]
+            if [int(sequence) for sequence, _ in listed] != list(range(offset + 1, offset + 1 + len(listed))):
+                # SQLite does not promise group_concat keeps the subquery's order (it does in
+                # practice); should it not, build the answer row by row.
+                rows = conn.execute("SELECT sequence, event_id, envelope FROM events WHERE stream_id = ?"
+                                    " AND event_name = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+                                    (stream_id, event_name, offset, limit)).fetchall()
+                events = "[" + ",".join('{"eventId":"%s",%s' % (event_id, envelope[1:])
+                                        for _, event_id, envelope in rows) + "]"
+                listed = [(sequence, event_id) for sequence, event_id, _ in rows]
         if len(self._recent) > RECENT_EVENTS:
             self._recent.clear()
-        # Sequences of a name have no gaps: the k-th event past the offset is offset + k.
-        for number, event_id in enumerate(event_ids.split(","), offset + 1):
-            self._recent[event_id] = (stream_id, event_name, number)
+        for sequence, event_id in listed:
+            self._recent[event_id] = (stream_id, event_name, int(sequence))
         return events
 
     def wait_and_read(self, stream, event_name, consumer_id, limit, seconds, stopping):
@@ -1222,8 +1253,8 @@ class Request:
                 return check_token(name, self.header(name))
         return None
 
-    def stream(self, key="stream"):
-        return check_name("stream name", self.params[key])
+    def stream(self):
+        return check_name("stream name", self.params["stream"])
 
 
 IDEMPOTENCY_HEADERS = ("Idempotency-Key", "ES-EventId", "Nats-Msg-Id")
@@ -1696,8 +1727,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             try:
                 reply = self._handle(app)
-            except (ConnectionError, TimeoutError, BlockingIOError):
-                self.close_connection = True  # the client went away or stalled mid-request: nobody to answer
+            except CLIENT_GONE:
+                self.close_connection = True
                 return
             finally:
                 app.end(self)
@@ -1721,7 +1752,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.client_id = request.client_id
         except HTTPError as error:
             return error_reply(error)
-        except (ConnectionError, TimeoutError, BlockingIOError):
+        except CLIENT_GONE:
             raise
         except Exception:
             log.exception("error handling %s %s", self.command, self.path)
@@ -1762,7 +1793,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # One write for head and body: no small packets for Nagle to hold back.
         body = b"" if self.command == "HEAD" else reply.body  # HEAD: the head only, as HTTP says
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        self.status, self.sent_bytes = reply.status, len(reply.body)
 
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (bad request line, headers
@@ -1814,6 +1844,11 @@ def _kernel_timeout(sock, seconds):
         sock.settimeout(seconds)
 
 
+# A client that went away, stalled past the timeout or spoke no TLS: nobody to answer,
+# and not the server's error. (socket.timeout is TimeoutError only from Python 3.10.)
+CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout, BlockingIOError, ssl.SSLError)
+
+
 class Server(http.server.ThreadingHTTPServer):
     """A thread per connection; a backlog long enough for bursts."""
 
@@ -1826,8 +1861,8 @@ class Server(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError, BlockingIOError, ssl.SSLError)):
-            return  # a client that went away, was too slow, or spoke no TLS is not the server's error
+        if isinstance(error, CLIENT_GONE):
+            return
         log.error("error serving %s", client_address[0], exc_info=True)
 
 
@@ -2182,8 +2217,11 @@ def run_tool(command, argv, environ):
         raise ConfigError(str(error)) from None
     try:
         if command == "export":
-            store.export(sys.stdout)
-            sys.stdout.flush()
+            try:
+                store.export(sys.stdout)
+                sys.stdout.flush()
+            except BrokenPipeError:  # export | head: the reader has all it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         elif command == "import":
             store.import_records(sys.stdin.buffer)
         else:
