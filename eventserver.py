@@ -182,7 +182,7 @@ class HTTPError(Exception):
 
     def __init__(self, status, detail="", headers=()):
         reason = REASONS.get(status, "Error")
-        self.status = status
+        self.status, self.detail = status, detail
         self.text = f"{reason} - {detail}" if detail else reason
         self.headers = tuple(headers)
         super().__init__(self.text)
@@ -236,15 +236,37 @@ def check_count(what, text, minimum):
     """A non-negative decimal integer of at least minimum."""
     if text is None or text == "":
         raise bad_request(f"{what} is missing")
-    if not _DIGITS.match(text) or digits_value(text) < minimum:
+    value = digits_value(text) if _DIGITS.match(text) else -1
+    if value < minimum:
         raise bad_request(f"{what} must be an integer >= {minimum}")
-    return digits_value(text)
+    return value
 
 
 def digits_value(text):
     """The value of a string of decimal digits; past 19 digits, just 10**19
     (bigger than any count here, and int() refuses very long strings)."""
     return int(text) if len(text) <= 19 else 10 ** 19
+
+
+def _wait_seconds(text, maximum):
+    """wait=: seconds, 0 or more; above maximum it is lowered to it."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise bad_request("wait must be a number of seconds, 0 or more")
+    return min(seconds, maximum)
+
+
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00\Z")
+
+
+def _time(value):
+    """A time as the API writes it (checked, since counts per day use its date)."""
+    if not isinstance(value, str) or not _TIME.match(value):
+        raise bad_request(f"time {value!r} is not like 2019-10-30T09:21:26.664704+00:00")
+    return value
 
 
 class Unstorable:
@@ -319,13 +341,13 @@ class Envelope:
         try:
             self.name = check_name("field event.name", event["name"])
         except HTTPError as error:
-            raise bad_request(where + error.text.partition(" - ")[2]) from None
+            raise bad_request(where + error.detail) from None
         if "version" in event and (type(event["version"]) is not int or event["version"] not in INT64):
             raise bad_request(f"{where}field event.version must be a 64-bit integer")
         for field in ("system", "trigger", "payload"):
             if field in value and not isinstance(value[field], dict):
                 raise bad_request(f"{where}field {field} must be an object")
-        value.pop("eventId", None)  # the server's ID is the event's ID
+        value = {key: item for key, item in value.items() if key != "eventId"}  # the server's ID is the event's ID
         try:
             self.text = compact_json(value)
         except HTTPError:
@@ -339,6 +361,9 @@ class Envelope:
             self.payload_span = (self.text.index('"payload":' + payload) + 11, len(payload))
 
 
+MAX_BATCH = 1000
+
+
 def parse_envelopes(value):
     """One envelope, or a batch: a JSON array of 1 to MAX_BATCH envelopes."""
     if not isinstance(value, list):
@@ -348,7 +373,8 @@ def parse_envelopes(value):
     return [Envelope(item, f"event [{index}]: ") for index, item in enumerate(value)]
 
 
-MAX_BATCH = 1000
+# Storage #####################################################################
+
 RECENT_EVENTS = 100_000  # events remembered from reads so acknowledging them needs no query
 
 
@@ -367,8 +393,6 @@ def utc_now():
     """Now, as the API writes times: ISO 8601, UTC, microseconds, +00:00."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
-
-# Storage #####################################################################
 
 SCHEMA_VERSION = 1
 
@@ -1106,7 +1130,7 @@ class Store:
                         if len(tx.events) >= 10_000:  # write as it goes: a dump may not fit in memory
                             self._flush_events(conn, tx)
                     except HTTPError as error:
-                        raise LoadError(number, error.text.partition(" - ")[2] or error.text) from None
+                        raise LoadError(number, error.detail or error.text) from None
                     except (KeyError, TypeError, AttributeError, ValueError) as error:
                         raise LoadError(number, f"malformed record ({error!r})") from None
             return len(tx.streams)
@@ -1177,14 +1201,6 @@ class LoadError(Exception):
         super().__init__(f"line {number}: {reason}" if number else reason)
 
 
-_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00\Z")
-
-
-def _time(value):
-    """A time as the API writes it (checked, since counts per day use its date)."""
-    if not isinstance(value, str) or not _TIME.match(value):
-        raise bad_request(f"time {value!r} is not like 2019-10-30T09:21:26.664704+00:00")
-    return value
 
 
 def _lock_exclusively(path):
@@ -1238,12 +1254,10 @@ class Request:
         values = self.query.get(name)
         return values[0] if values else None
 
-    def producer_id(self):
-        self.client_id = check_token("X-Producer-ID", self.header("X-Producer-ID"))
-        return self.client_id
-
-    def consumer_id(self):
-        self.client_id = check_token("X-Consumer-ID", self.header("X-Consumer-ID"))
+    def client(self, header):
+        """The producer or consumer ID in header (X-Producer-ID, X-Consumer-ID),
+        remembered for the access log."""
+        self.client_id = check_token(header, self.header(header))
         return self.client_id
 
     def idempotency_key(self):
@@ -1305,7 +1319,7 @@ def health(request):
 
 
 def publish(request):
-    producer_id = request.producer_id()
+    producer_id = request.client("X-Producer-ID")
     stream = request.stream()
     key = request.idempotency_key()
     body = parse_json(request.body, request.headers.get("Content-Type"))
@@ -1314,7 +1328,7 @@ def publish(request):
 
 
 def read_events(request):
-    consumer_id = request.consumer_id()
+    consumer_id = request.client("X-Consumer-ID")
     stream = request.stream()
     event_name = check_name("eventName", request.arg("eventName"))
     limit = min(check_count("limit", request.arg("limit"), 1), request.app.config.max_limit)
@@ -1327,19 +1341,10 @@ def read_events(request):
                                           request.app.stopping.is_set))
 
 
-def _wait_seconds(text, maximum):
-    """wait=: seconds, 0 or more; above maximum it is lowered to it."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:  # also NaN
-        raise bad_request("wait must be a number of seconds, 0 or more")
-    return min(seconds, maximum)
 
 
 def ack(request):
-    consumer_id = request.consumer_id()
+    consumer_id = request.client("X-Consumer-ID")
     stream = request.stream()
     event_id = check_event_id(request.params["event_id"])
     content_type = (request.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
@@ -2190,7 +2195,7 @@ def load_fixtures(store, filename):
                                      Envelope(record.get("envelope"), "envelope: ")))
                 except HTTPError as error:
                     raise ConfigError(f"fixtures {filename} line {number}: "
-                                      f"{error.text.partition(' - ')[2]}") from None
+                                      f"{error.detail}") from None
     except OSError as error:
         raise ConfigError(f"cannot read fixtures {filename}: {error.strerror or error}") from None
     try:
