@@ -67,6 +67,13 @@ def _wait_for(condition, seconds=10):
         time.sleep(0.01)
 
 
+def raw_publish(stream, headers, body=""):
+    """The text of a publish request, as a client would send it, for tests
+    that speak HTTP at the byte level: the usual headers, then these."""
+    return (f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+            f"Content-Type: application/json\r\nX-Producer-ID: p\r\n{headers}\r\n{body}")
+
+
 def with_client(port, action):
     """Run action(client) on a fresh connection, then close it."""
     client = Client(port)
@@ -712,25 +719,20 @@ class ConventionsTest(ServerTest):
 
     def test_body_over_limit_is_refused_without_reading_it(self):
         # Headers promise 50 MB and no byte of it is sent: the 413 must come anyway.
-        head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
-                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: 50000000\r\n\r\n")
+        head = raw_publish("x", "Content-Length: 50000000\r\n")
         answer = self.raw(head.encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
         self.assertIn(b'"Payload Too Large - 2000"', answer)
 
     def test_expect_100_continue_gets_413_instead_of_continue(self):
-        head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
-                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: 3000\r\n"
-                f"Expect: 100-continue\r\n\r\n")
+        head = raw_publish("x", "Content-Length: 3000\r\nExpect: 100-continue\r\n")
         answer = self.raw(head.encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
 
     def test_expect_100_continue_within_limit_continues(self):
         stream = fresh()
         body = json.dumps(envelope()).encode()
-        head = (f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
-                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: {len(body)}\r\n"
-                f"Expect: 100-continue\r\n\r\n")
+        head = raw_publish(stream, f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n")
         with socket.create_connection(("127.0.0.1", self.live.port), timeout=10) as sock:
             sock.sendall(head.encode())
             self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -739,9 +741,7 @@ class ConventionsTest(ServerTest):
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
 
     def test_chunked_body_is_411(self):
-        head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
-                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nTransfer-Encoding: chunked\r\n\r\n"
-                f"2\r\n{{}}\r\n0\r\n\r\n")
+        head = raw_publish("x", "Transfer-Encoding: chunked\r\n", "2\r\n{}\r\n0\r\n\r\n")
         answer = self.raw(head.encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 411 "), answer)
         self.assertIn(b'"Length Required"', answer)
@@ -749,8 +749,7 @@ class ConventionsTest(ServerTest):
     def test_bad_content_length_is_400(self):
         for length in ("-1", "abc", "1.5", "0x10"):
             with self.subTest(length=length):
-                head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
-                        f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: {length}\r\n\r\n")
+                head = raw_publish("x", f"Content-Length: {length}\r\n")
                 answer = self.raw(head.encode())
                 self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
                 self.assertIn(b'"Bad Request', answer)
@@ -803,8 +802,7 @@ class ConventionsTest(ServerTest):
         stream = fresh()
         self.publish_ok(stream)
         self.assertEqual(len(self.client.read(stream, limit="1" + "0" * 5000).json), 1)  # lowered to the maximum
-        head = (f"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
-                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: {'9' * 5001}\r\n\r\n")
+        head = raw_publish("x", f"Content-Length: {'9' * 5001}\r\n")
         self.assertTrue(self.raw(head.encode()).startswith(b"HTTP/1.1 413 "))
         response = self.client.request("POST", f"/api/v1/{stream}/c/OrderPlaced/change/{'9' * 5001}")
         self.assert_error(response, 400, starts="Bad Request - offset")
@@ -869,8 +867,7 @@ class TimeoutTest(ServerTest):
 
     def test_a_body_that_stops_short_is_dropped_without_an_answer(self):
         stream = fresh()
-        head = (f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
-                f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: 100\r\n\r\n")
+        head = raw_publish(stream, "Content-Length: 100\r\n")
         with self.assertLogs("eventserver", level="DEBUG") as logs:
             eventserver.log.debug("marker")  # assertNoLogs is Python 3.10+: check the records instead
             with socket.create_connection(("127.0.0.1", self.live.port), timeout=10) as sock:
@@ -1978,8 +1975,7 @@ class CommandLineTest(unittest.TestCase):
         body = json.dumps(envelope()).encode()
         for index in range(20):
             sock = socket.create_connection(("127.0.0.1", process.port))
-            request = (f"POST /api/v1/streams/d/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
-                       f"Content-Type: application/json\r\nX-Producer-ID: p\r\nContent-Length: {len(body)}\r\n\r\n")
+            request = raw_publish("d", f"Content-Length: {len(body)}\r\n")
             sock.sendall(request.encode() + (body if index % 2 else body[:10]))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # RST on close
             sock.close()
