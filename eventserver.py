@@ -557,10 +557,10 @@ class Store:
     them then commits them all in one transaction (group commit) and wakes
     the others; each gets its answer only after that commit. Ownership,
     counts and offsets are checked in memory under that lock, against the
-    committed state cached here and what the transaction itself changed, so
-    a request costs one INSERT at most. Reads use a pool of their own
-    connections and never wait for the lock (WAL readers see the last
-    commit)."""
+    committed state held here and what the transaction itself changed; the
+    batch's events go in with one INSERT at the commit. Reads use a pool of
+    their own connections and never wait for the write lock (WAL readers
+    see the last commit)."""
 
     def __init__(self, path, sync="full", exclusive=True):
         self.path = path
