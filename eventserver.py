@@ -916,17 +916,13 @@ class Store:
         deadline = time.monotonic() + seconds
         key = (self._stream_id(stream), event_name)
         while True:
-            events = self.read(stream, event_name, consumer_id, limit)
-            remaining = deadline - time.monotonic()
-            if events != "[]" or remaining <= 0 or self.closed or stopping():
-                return events
             woken = threading.Event()
-            with self._waiters_lock:
+            with self._waiters_lock:  # registered before reading: a commit in between is not missed
                 self._waiters.setdefault(key, set()).add(woken)
             try:
-                # Check again now that we are registered: a commit in between must not be missed.
                 events = self.read(stream, event_name, consumer_id, limit)
-                if events != "[]" or self.closed or stopping():
+                remaining = deadline - time.monotonic()
+                if events != "[]" or remaining <= 0 or self.closed or stopping():
                     return events
                 woken.wait(remaining)
             finally:
@@ -1042,8 +1038,9 @@ class Store:
 
     def search(self, term, limit):
         """What matches term, at most limit per category: (stream, event
-        name) pairs, single events, streams with their producer, consumers.
-        Contains ignores the case of ASCII letters; equals is exact."""
+        name) pairs, single events, (stream, producer, whether the name
+        matched), consumers. Contains ignores the case of ASCII letters;
+        equals is exact."""
         if "\x00" in term:
             return [], [], [], []  # no name or ID holds one, and stored JSON escapes it
         with self._reading() as conn:
@@ -1061,8 +1058,9 @@ class Store:
                 " AND e.event_id != ? ORDER BY e.event_pk DESC LIMIT ?",
                 (term, term, max(0, limit - len(pairs) - len(single)))).fetchall()
             streams = conn.execute(
-                "SELECT name, producer_id FROM streams WHERE instr(lower(name), lower(?)) OR producer_id = ?"
-                " ORDER BY name LIMIT ?", (term, term, limit)).fetchall()
+                "SELECT name, producer_id, instr(lower(name), lower(?1)) > 0 FROM streams"
+                " WHERE instr(lower(name), lower(?1)) OR producer_id = ?1 ORDER BY name LIMIT ?2",
+                (term, limit)).fetchall()
             consumers = conn.execute(
                 "SELECT DISTINCT s.name, o.consumer_id FROM consumer_offsets o JOIN streams s USING (stream_id)"
                 " WHERE o.consumer_id = ? ORDER BY s.name LIMIT ?", (term, limit)).fetchall()
@@ -1459,12 +1457,10 @@ def search(request):
     results = [("events", f"{stream}/{name}", f"/admin/streams/{path(stream)}/events?eventName={path(name)}")
                for stream, name in pairs]
     results += [("events", f"{stream}/{name}", f"/admin/streams/{path(stream)}/events?eventId={event_id}")
-                for stream, name, event_id in single][:SEARCH_LIMIT - len(results)]
-    folded = _ascii_lower(term)
+                for stream, name, event_id in single]
     results += [("streams", stream,
-                 f"/admin/streams/{path(stream)}/events" if folded in _ascii_lower(stream)
-                 else f"/admin/streams?producerId={path(producer)}")
-                for stream, producer in streams]
+                 f"/admin/streams/{path(stream)}/events" if by_name else f"/admin/streams?producerId={path(producer)}")
+                for stream, producer, by_name in streams]
     results += [("consumers", f"{stream}/{consumer}",
                  f"/admin/streams/{path(stream)}/consumers?consumerId={path(consumer)}")
                 for stream, consumer in consumers]
@@ -1474,13 +1470,6 @@ def search(request):
 
 def _url_part(text):
     return urllib.parse.quote(text, safe="")
-
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def _ascii_lower(text):
-    return text.translate(_ASCII_LOWER)
 
 
 PERIODS = {"6hour": 6, "24hour": 24, "2day": 48, "7day": 7 * 24, "14day": 14 * 24, "1month": 30 * 24}
