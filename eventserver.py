@@ -376,6 +376,7 @@ def parse_envelopes(value):
 # Storage #####################################################################
 
 RECENT_EVENTS = 100_000  # events remembered from reads so acknowledging them needs no query
+ANSWERS, MAX_ANSWER_BYTES = 256, 65536  # answers to reads kept for re-reads: at most 16 MiB
 
 
 def new_event_id():
@@ -576,6 +577,10 @@ class Store:
         self._counts = {}  # (stream_id, event_name) -> events of that name, where any
         self._offsets = {}  # (stream_id, event_name, consumer_id) -> consumer offset, where one was set
         self._recent = {}  # event_id -> (stream_id, event_name, sequence) of events lately read
+        # Answers to reads: (stream_id, event_name, offset, limit) -> (full, count, JSON text). Events
+        # never change, so a full answer (limit events) holds for good; a shorter one until the
+        # count of that name moves past the count read before its query.
+        self._answers = {}
         self._waiters = {}  # (stream_id, event_name) -> set of threading.Event (long-poll reads)
         self._waiters_lock = threading.Lock()
         self.closed = False
@@ -883,8 +888,13 @@ class Store:
         consumer's offset, oldest first (the stored text, spliced, not re-encoded)."""
         stream_id = self._stream_id(stream)
         offset = self._offsets.get((stream_id, event_name, consumer_id), 0)
-        if offset >= self._counts.get((stream_id, event_name), 0):
+        count = self._counts.get((stream_id, event_name), 0)  # read before the query: see _answers
+        if offset >= count:
             return "[]"  # nothing past the offset: no need to ask the database
+        key = (stream_id, event_name, offset, limit)
+        answer = self._answers.get(key)
+        if answer is not None and (answer[0] or answer[1] == count):
+            return answer[2]
         with self._reading(quick=True) as conn:
             # SQLite splices "eventId" into each stored envelope and joins them: one
             # step for the whole answer, where fetching row by row costs a step each.
@@ -908,6 +918,10 @@ class Store:
             self._recent.clear()
         for sequence, event_id in listed:
             self._recent[event_id] = (stream_id, event_name, int(sequence))
+        if len(events) <= MAX_ANSWER_BYTES:
+            if len(self._answers) >= ANSWERS:
+                self._answers.clear()
+            self._answers[key] = (len(listed) == limit, count, events)
         return events
 
     def wait_and_read(self, stream, event_name, consumer_id, limit, seconds, stopping):

@@ -475,6 +475,16 @@ class ReadTest(ServerTest):
         self.assertEqual([e["eventId"] for e in response.json], ids[:3])
         self.assertEqual(self.client.read(stream, "C").json, [])
 
+    def test_read_again_sees_new_events(self):
+        stream = fresh()
+        first = self.publish_ok(stream)
+        self.assertEqual([e["eventId"] for e in self.client.read(stream, limit=3).json], [first])
+        second = self.publish_ok(stream)  # a read of the same offset and limit must not answer from before
+        self.assertEqual([e["eventId"] for e in self.client.read(stream, limit=3).json], [first, second])
+        self.assertEqual([e["eventId"] for e in self.client.read(stream, limit=1).json], [first])
+        self.assertEqual(self.client.ack(stream, first).status, 200)
+        self.assertEqual([e["eventId"] for e in self.client.read(stream, limit=1).json], [second])
+
     def test_read_does_not_move_the_offset(self):
         stream = fresh()
         event_id = self.publish_ok(stream)
