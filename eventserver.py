@@ -728,13 +728,12 @@ class Store:
 
     def _commit(self, batch):
         """Run the tickets' work in one transaction and commit it. A refusal
-        (raised before the work wrote anything) leaves the rest alone; work
-        that fails after writing spoils the transaction, so it is rolled back
-        and the others run again without it; when the batch's own writes
-        fail, each ticket runs again alone, to find whose they were."""
+        raised before the work wrote anything leaves the rest alone. Anything
+        else (work that fails after writing, a failed write of the batch)
+        spoils the transaction: it is rolled back, and each ticket runs again
+        in a transaction of its own, so that only the culprit fails."""
         conn = self._writer
         tx = _Transaction()
-        spoiled = None
         try:
             if self.closed:
                 raise StoreError("the server is stopping")
@@ -748,7 +747,6 @@ class Store:
                     tx.restore(saved)
                     ticket.result, ticket.error = None, _refusal(error)
                     if conn.total_changes != changes:
-                        spoiled = ticket
                         raise
             self._flush(conn, tx)
             conn.execute("COMMIT")
@@ -758,10 +756,6 @@ class Store:
                     conn.execute("ROLLBACK")
             if not isinstance(error, Exception):
                 raise
-            if spoiled is not None:
-                spoiled.done = True
-                self._commit([ticket for ticket in batch if ticket is not spoiled])
-                return
             if len(batch) > 1 and not self.closed:
                 for ticket in batch:
                     self._commit([ticket])
@@ -1063,12 +1057,10 @@ class Store:
                 "SELECT s.name, c.event_name FROM event_counts c JOIN streams s USING (stream_id)"
                 " WHERE instr(lower(c.event_name), lower(?)) ORDER BY s.name, c.event_name LIMIT ?",
                 (term, limit)).fetchall()
-            single = conn.execute(
-                "SELECT s.name, e.event_name, e.event_id FROM events e JOIN streams s USING (stream_id)"
-                " WHERE e.event_id = ?", (term,)).fetchall()
+            events = "SELECT s.name, e.event_name, e.event_id FROM events e JOIN streams s USING (stream_id)"
+            single = conn.execute(events + " WHERE e.event_id = ?", (term,)).fetchall()
             single += conn.execute(
-                "SELECT s.name, e.event_name, e.event_id FROM events e JOIN streams s USING (stream_id)"
-                " WHERE instr(lower(substr(e.envelope, e.payload_start, e.payload_size)), lower(?))"
+                events + " WHERE instr(lower(substr(e.envelope, e.payload_start, e.payload_size)), lower(?))"
                 " AND e.event_id != ? ORDER BY e.event_pk DESC LIMIT ?",
                 (term, term, max(0, limit - len(pairs) - len(single)))).fetchall()
             streams = conn.execute(
