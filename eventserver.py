@@ -303,16 +303,21 @@ def decode_json(data, what):
     except UnicodeDecodeError:
         raise bad_request(f"{what} is not valid UTF-8") from None
     try:
-        return json.loads(text, parse_constant=Unstorable, parse_float=_finite_float)
+        return _STRICT_JSON.decode(text)
     except (ValueError, RecursionError):
         raise bad_request(f"{what} is not valid JSON") from None
+
+
+# Made once: json.loads and json.dumps build a new coder on each call when given options.
+_STRICT_JSON = json.JSONDecoder(parse_constant=Unstorable, parse_float=_finite_float)
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def compact_json(value, what="body"):
     """JSON text without spaces; a 400 naming what when it cannot be stored
     (a lone surrogate, NaN, Infinity, a number out of range)."""
     try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text = _COMPACT_JSON.encode(value)
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise bad_request(f"{what} contains a lone surrogate") from None
@@ -347,18 +352,27 @@ class Envelope:
         for field in ("system", "trigger", "payload"):
             if field in value and not isinstance(value[field], dict):
                 raise bad_request(f"{where}field {field} must be an object")
-        value = {key: item for key, item in value.items() if key != "eventId"}  # the server's ID is the event's ID
+        # The fields before the payload, the payload, and those after it, each
+        # encoded once: the payload's place in the text is then known, not searched for.
+        fields = before = {}
+        after = {}
+        for key, item in value.items():
+            if key == "payload":
+                fields = after
+            elif key != "eventId":  # the server's ID is the event's ID
+                fields[key] = item
         try:
-            self.text = compact_json(value)
+            text, self.payload_span = compact_json(before), (1, 0)
+            if "payload" in value:
+                payload = compact_json(value["payload"])
+                head = text[:-1] + ("," if before else "") + '"payload":'
+                self.payload_span = (len(head) + 1, len(payload))
+                text = head + payload + ("," + compact_json(after)[1:] if after else "}")
         except HTTPError:
             for key, item in value.items():  # find the field to name
                 compact_json(item, f"{where}field {key}")
             raise
-        self.payload_span = (1, 0)
-        if "payload" in value:
-            # Any place where '"payload":' and the payload's text stand holds that same text.
-            payload = compact_json(value["payload"])
-            self.payload_span = (self.text.index('"payload":' + payload) + 11, len(payload))
+        self.text = text
 
 
 MAX_BATCH = 1000
@@ -379,11 +393,22 @@ RECENT_EVENTS = 100_000  # events remembered from reads so acknowledging them ne
 ANSWERS, MAX_ANSWER_BYTES = 256, 65536  # answers to reads kept for re-reads: at most 16 MiB
 
 
+_random_pool = [b"", 0]  # random bytes drawn ahead, and how many of them are used
+_random_pool_lock = threading.Lock()
+
+
 def new_event_id():
     """A UUID, version 7 (RFC 9562): the time in milliseconds, then 74 random
     bits. New events' IDs sort together, so they land on the same pages of
-    the ID index instead of a random page each (less to write per commit)."""
-    random_bits = int.from_bytes(os.urandom(10), "big")
+    the ID index instead of a random page each (less to write per commit).
+    The random bits come from os.urandom 64 KiB at a time: a system call per
+    ID cost more than all the rest of it."""
+    with _random_pool_lock:
+        pool, used = _random_pool
+        if used + 10 > len(pool):
+            pool, used = os.urandom(65536), 0
+        _random_pool[:] = pool, used + 10
+    random_bits = int.from_bytes(pool[used:used + 10], "big")
     value = (time.time_ns() // 1_000_000 << 80 | 0x7 << 76 | (random_bits >> 68) << 64
              | 0b10 << 62 | random_bits & (1 << 62) - 1)
     text = f"{value:032x}"
@@ -508,9 +533,10 @@ class _Transaction:
     batch; the streams it created were written at once (for their IDs).
     Cached in the store, with the counts, once committed."""
 
-    __slots__ = ("events", "counts", "offsets", "streams")
+    __slots__ = ("now", "events", "counts", "offsets", "streams")
 
     def __init__(self):
+        self.now = utc_now()  # the time of every event and offset the transaction writes
         self.events = []  # rows of the events table, in order
         self.counts = {}  # (stream_id, event_name) -> count
         self.offsets = {}  # (stream_id, event_name, consumer_id) -> (offset, moved_at)
@@ -620,6 +646,9 @@ class Store:
             if mode.lower() != "wal":
                 raise sqlite3.OperationalError(f"WAL mode not available (journal_mode is {mode})")
             conn.execute(f"PRAGMA synchronous = {'FULL' if self.sync == 'full' else 'NORMAL'}")
+            # Statement journals in memory: else each commit of a multi-row INSERT
+            # creates, writes and deletes a temporary file.
+            conn.execute("PRAGMA temp_store = MEMORY")
         except BaseException:
             conn.close()
             raise
@@ -810,33 +839,30 @@ class Store:
         The first producer of a stream owns it; another gets a 423. A retry
         with a known idempotency key and the same envelopes stores nothing and
         returns the first IDs; with other envelopes it is a 409."""
-        now = utc_now()
         return self._transact(
-            lambda conn, tx: self._publish_in(conn, tx, stream, producer_id, envelopes, idempotency_key, now))
+            lambda conn, tx: self._publish_in(conn, tx, stream, producer_id, envelopes, idempotency_key))
 
     def publish_fixtures(self, fixtures):
         """Publish (stream, producer_id, Envelope) records in one transaction,
         all or none; only into a database without streams. Returns how many."""
-        now = utc_now()
-
         def work(conn, tx):
             if conn.execute("SELECT 1 FROM streams LIMIT 1").fetchone():
                 return 0
             for stream, producer_id, envelope in fixtures:
-                self._publish_in(conn, tx, stream, producer_id, [envelope], None, now)
+                self._publish_in(conn, tx, stream, producer_id, [envelope], None)
             return len(fixtures)
 
         return self._transact(work)
 
-    def _publish_in(self, conn, tx, stream, producer_id, envelopes, idempotency_key, now):
+    def _publish_in(self, conn, tx, stream, producer_id, envelopes, idempotency_key):
         found = self._stream(stream, tx)
         if found is None:
-            stream_id = self._create_stream(conn, tx, stream, producer_id, now)
+            stream_id = self._create_stream(conn, tx, stream, producer_id, tx.now)
         elif found[1] != producer_id:
             raise HTTPError(423, "Second writers not allowed")
         else:
             stream_id = found[0]
-        events = [(new_event_id(), envelope, now) for envelope in envelopes]
+        events = [(new_event_id(), envelope, tx.now) for envelope in envelopes]
         event_ids = [event_id for event_id, _, _ in events]
         if idempotency_key is not None:
             fingerprint = hashlib.sha256("\n".join(e.text for e in envelopes).encode()).hexdigest()
@@ -960,7 +986,6 @@ class Store:
 
     def ack(self, stream, event_id, consumer_id):
         """Move the consumer's offset to the event, if it is the next one."""
-        now = utc_now()
         stream_id = self._stream_id(stream)
         found = self._recent.get(event_id)  # usually: consumers acknowledge what they just read
         if found is None or found[0] != stream_id:
@@ -978,7 +1003,7 @@ class Store:
                 return  # a retried ACK: already done
             if sequence != offset + 1:
                 raise bad_request(f"consumer offset mismatch: expected sequence {offset + 1}, got {sequence}")
-            tx.offsets[stream_id, event_name, consumer_id] = (sequence, now)
+            tx.offsets[stream_id, event_name, consumer_id] = (sequence, tx.now)
 
         self._transact(work)
 
@@ -986,15 +1011,13 @@ class Store:
 
     def seek(self, stream, consumer_id, event_name, offset):
         """Set the consumer's offset for an event name (0 to that name's count)."""
-        now = utc_now()
-
         def work(conn, tx):
             stream_id = self._stream_id(stream, tx)
             count = self._count(tx, stream_id, event_name)
             if offset > count:
                 raise bad_request(f"offset must be between 0 and {count}, the count of "
                                   f"{event_name} events in stream {stream}")
-            tx.offsets[stream_id, event_name, consumer_id] = (offset, now)
+            tx.offsets[stream_id, event_name, consumer_id] = (offset, tx.now)
 
         self._transact(work)
 
@@ -1305,12 +1328,15 @@ def parse_query(text):
     return query
 
 
+_REPLY_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def json_reply(value, status=200):
-    return Reply(status, json.dumps(value, ensure_ascii=False))
+    return Reply(status, _REPLY_JSON.encode(value))
 
 
 def error_reply(error):
-    return Reply(error.status, json.dumps(error.text, ensure_ascii=False), headers=error.headers)
+    return Reply(error.status, _REPLY_JSON.encode(error.text), headers=error.headers)
 
 
 # -- handlers: parse, call one Store method, answer ----------------------------

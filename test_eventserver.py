@@ -1184,6 +1184,15 @@ class SearchTest(FreshServerTest):
             ("consumers", "Orders EU/mailer", "/admin/streams/Orders%20EU/consumers?consumerId=mailer")])
         self.assertEqual(self.results("nothing-like-it"), [])
 
+    def test_search_looks_in_the_payload_alone_wherever_it_stands(self):
+        first = self.publish_ok("s", {"payload": {"k": "first-payload"}, "event": {"name": "A"}, "note": "after-it"})
+        middle = self.publish_ok("s", {"event": {"name": "B"}, "payload": {"k": "mid-payload"}, "x": "tail-field"})
+        self.assertEqual(self.results("first-payload"), [("events", "s/A", f"/admin/streams/s/events?eventId={first}")])
+        self.assertEqual(self.results("mid-payload"), [("events", "s/B", f"/admin/streams/s/events?eventId={middle}")])
+        for outside in ("after-it", "tail-field", '"payload":{', '"mid-payload"},"x"', '{"k":"first-payload"},'):
+            self.assertEqual(self.results(outside), [], outside)
+        self.assertEqual(self.results('{"k":"mid-payload"}'), [("events", "s/B", f"/admin/streams/s/events?eventId={middle}")])
+
     def test_search_contains_folds_ascii_case_only_and_wildcards_are_literal(self):
         self.publish_ok("ÄRGER-stream", envelope("Ünïcode"))
         self.publish_ok("per%cent_x", envelope("A"))
