@@ -58,6 +58,17 @@ def fresh(prefix="stream"):
     return f"{prefix}-{next(_names)}-{uuid.uuid4().hex[:6]}"
 
 
+def _read_reply(stream):
+    """(status, body) of one HTTP/1.1 response read from a binary file."""
+    status = int(stream.readline().split()[1])
+    length = 0
+    for line in iter(stream.readline, b"\r\n"):
+        name, _, value = line.decode("latin-1").partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, stream.read(length)
+
+
 def _wait_for(condition, seconds=10):
     """Poll condition until it holds (or fail after seconds): no fixed sleeps."""
     deadline = time.monotonic() + seconds
@@ -383,6 +394,43 @@ class PublishTest(ServerTest):
         sequences = self.db_rows("SELECT sequence FROM events JOIN streams USING (stream_id)"
                                  " WHERE name = ? ORDER BY sequence", stream)
         self.assertEqual([s for (s,) in sequences], list(range(1, 201)))
+
+    def test_publish_pipelined_requests_are_answered_in_order_under_load(self):
+        # Under load, the thread that commits a publish usually answers it, not the
+        # connection's own thread: a connection's answers must still keep its order.
+        stream, busy, stop = fresh(), fresh(), threading.Event()
+
+        def load():
+            client = self.live.client()
+            try:
+                while not stop.is_set():
+                    client.publish(busy, envelope("Load"), producer="loader")
+            finally:
+                client.close()
+
+        loaders = [threading.Thread(target=load) for _ in range(6)]
+        for loader in loaders:
+            loader.start()
+        body = json.dumps(envelope("Piped")).encode()
+        head = f"Host: t\r\nAuthorization: {basic()}\r\n"
+        publish = (f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\n{head}Content-Type: application/json\r\n"
+                   f"X-Producer-ID: piper\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        read = (f"GET /api/v1/streams/{stream}/events?eventName=Piped&limit=1000 HTTP/1.1\r\n{head}"
+                f"X-Consumer-ID: reader\r\n\r\n").encode()
+        try:
+            with socket.create_connection(("127.0.0.1", self.live.port), timeout=15) as sock:
+                answers = sock.makefile("rb")
+                published = []
+                for _ in range(10):
+                    sock.sendall(publish * 20 + read)
+                    replies = [_read_reply(answers) for _ in range(21)]
+                    self.assertEqual([status for status, _ in replies], [200] * 21, replies[:3])
+                    published += [json.loads(reply) for _, reply in replies[:20]]
+                    self.assertEqual([e["eventId"] for e in json.loads(replies[20][1])], published)
+        finally:
+            stop.set()
+            for loader in loaders:
+                loader.join()
 
     def test_publish_racing_producers_leave_exactly_one_owner(self):
         stream = fresh()
