@@ -309,8 +309,9 @@ def decode_json(data, what):
 
 
 # Made once: json.loads and json.dumps build a new coder on each call when given options.
+# What is encoded was decoded from JSON, so it holds no cycles to look for.
 _STRICT_JSON = json.JSONDecoder(parse_constant=Unstorable, parse_float=_finite_float)
-_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False)
 
 
 def compact_json(value, what="body"):
@@ -1726,7 +1727,7 @@ class Headers(dict):
     def add(self, name, value):
         """Keep the first value; False when a header that must be single repeats."""
         key = name.lower()
-        if key in self:
+        if dict.__contains__(self, key):
             return key not in _SINGLE_HEADERS
         self[key] = value
         return True
@@ -1782,14 +1783,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(505, f"{version[:20]} is not supported")
             return False
         self.request_version = version
-        headers = Headers()
+        headers, readline = Headers(), self.rfile.readline
         for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_LINE + 1)
-            if line in (b"\r\n", b"\n"):
+            line = readline(MAX_LINE + 1)
+            if line == b"\r\n" or line == b"\n":
                 break
             if not line.endswith(b"\n") and len(line) <= MAX_LINE:
                 return False  # cut off by the timeout or a hang-up: nobody to answer
-            name, colon, value = str(line, "iso-8859-1").partition(":")
+            name, colon, value = line.decode("latin-1").partition(":")
             if len(line) > MAX_LINE or not colon or not name or name != name.strip():
                 self.send_error(431 if len(line) > MAX_LINE else 400, "bad header line")
                 return False
@@ -1822,6 +1823,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if reply is not ANSWERED_LATER:  # else the thread that commits the request answers it
             self._answer(reply)
+
+    # The usual methods, found without a detour through __getattr__ (a cost on every request).
+    do_GET = do_POST = do_HEAD = _dispatch
 
     def _answer(self, reply, at_once=False):
         """Count the request out, send its reply, log it. at_once: from the
