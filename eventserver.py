@@ -1754,6 +1754,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self._unanswered = threading.Lock()  # held while another thread owes this connection an answer
+        self._body_unread = False
         seconds = self.server.app.config.timeout
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.settimeout(seconds or None)
@@ -1913,6 +1914,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with self._unanswered:  # the last request's answer goes out before the connection closes
             pass
         super().finish()
+        if self._body_unread:
+            self._linger()
+
+    def _linger(self):
+        """Read and drop what the client still sends of a body refused unread
+        (a 413, say), for a while: closing a socket with unread data resets
+        the connection, and the client can lose the answer it was sent."""
+        deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client sees the end
+            _kernel_timeout(self.connection, LINGER_SECONDS)
+            while time.monotonic() < deadline and dropped < LINGER_BYTES:
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                dropped += len(chunk)
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.address_string(), format % args)
@@ -1984,6 +2001,7 @@ def _kernel_timeout(sock, seconds):
         sock.settimeout(seconds)
 
 
+LINGER_SECONDS, LINGER_BYTES = 2.0, 64 * 1048576  # see Handler._linger
 SEND_AT_ONCE = getattr(socket, "MSG_DONTWAIT", 0)  # a send flag: fail rather than wait for room
 
 # A client that went away, stalled past the timeout or spoke no TLS: nobody to answer,
