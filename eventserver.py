@@ -755,7 +755,8 @@ class Store:
         the next commit, return ANSWERED_LATER at once: that leader calls
         answer(result, error) once it has committed. This thread is then
         free, and no thread sleeps and wakes (and takes the GIL back) only
-        to answer: a sixth less CPU per publish."""
+        to answer: a tenth less CPU per publish at 8 connections, a sixth
+        at 32."""
         ticket = _Ticket(work)
         with self._queue_lock:
             self._queue.append(ticket)
