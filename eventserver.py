@@ -371,7 +371,8 @@ class Envelope:
                 text = head + payload + ("," + compact_json(after)[1:] if after else "}")
         except HTTPError:
             for key, item in value.items():  # find the field to name
-                compact_json(item, f"{where}field {key}")
+                if key != "eventId":
+                    compact_json(item, f"{where}field {key}")
             raise
         self.text = text
 
@@ -1856,12 +1857,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _answer(self, reply, at_once=False):
         """Count the request out, send its reply, log it. at_once: from the
         thread that commits for others, which must not wait on one client's
-        socket (one that does not read its answers loses its connection)."""
+        socket: what the socket cannot take at once is returned, unsent."""
         app = self.server.app
         app.end(self)
-        self._send(reply, at_once)
+        rest = self._send(reply, at_once)
         if not app.config.quiet:
             log_access(self, reply, (time.perf_counter() - self._started) * 1000)
+        return rest
 
     def _handle(self, app):
         """Route, authenticate, read the body, call the handler: its Reply,
@@ -1873,7 +1875,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
             body = self._read_body(app.config.max_body)
             request = Request(app, Router.decode(params), parse_query(query_text), self.headers, body,
-                              None if isinstance(self.connection, ssl.SSLSocket) else self)
+                              self if self._answerable_elsewhere() else None)
             try:
                 return handler(request)
             finally:
@@ -1923,17 +1925,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         if not at_once:
             self.wfile.write(data)
-        elif self.connection.send(data, SEND_AT_ONCE) < len(data):
-            raise BlockingIOError("the client's socket is full")
+            return b""
+        try:
+            return data[self.connection.send(data, SEND_AT_ONCE):]
+        except BlockingIOError:
+            return data
 
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (bad request line, headers
         too long...), as JSON like every other error."""
-        self.close_connection = True
-        self._body_unread = True
-        detail = message if message and message != REASONS.get(code) else ""
-        with self._unanswered, contextlib.suppress(OSError):  # after the last request's answer
-            self._send(error_reply(HTTPError(code, detail)))
+        with self._unanswered:  # after the last request's answer, which reads this state
+            self.close_connection = True
+            self._body_unread = True
+            detail = message if message and message != REASONS.get(code) else ""
+            with contextlib.suppress(OSError):
+                self._send(error_reply(HTTPError(code, detail)))
+
+    def _answerable_elsewhere(self):
+        """Whether another thread may answer on this connection: not over TLS
+        (an SSL socket is not for two threads at once), and only where a send
+        can be told not to wait (MSG_DONTWAIT, no Python-level timeout)."""
+        return bool(SEND_AT_ONCE) and not isinstance(self.connection, ssl.SSLSocket) \
+            and self.connection.gettimeout() is None
 
     def finish(self):
         with self._unanswered:  # the last request's answer goes out before the connection closes
@@ -1949,7 +1962,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         deadline, dropped = time.monotonic() + LINGER_SECONDS, 0
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_WR)  # the answer is complete: the client sees the end
-            _kernel_timeout(self.connection, LINGER_SECONDS)
+            if isinstance(self.connection, ssl.SSLSocket):
+                self.connection.settimeout(LINGER_SECONDS)
+            else:
+                _kernel_timeout(self.connection, LINGER_SECONDS)
             while time.monotonic() < deadline and dropped < LINGER_BYTES:
                 chunk = self.connection.recv(65536)
                 if not chunk:
@@ -1974,16 +1990,41 @@ class _LaterAnswer:
         handler._unanswered.acquire()
 
     def __call__(self, result, error):
-        handler = self.handler
+        handler, rest = self.handler, b""
         try:
+            try:
+                if error is not None:
+                    raise error
+                reply = self.make_reply(result)
+            except HTTPError as refusal:
+                reply = error_reply(refusal)
+            except Exception:  # as Handler._handle does for its own thread
+                log.exception("error handling %s %s", handler.command, handler.path)
+                reply = error_reply(HTTPError(500, "see the server log"))
             handler.client_id = self.request.client_id
-            handler._answer(error_reply(error) if error is not None else self.make_reply(result), at_once=True)
-        except CLIENT_GONE:
-            handler.close_connection = True
-            with contextlib.suppress(OSError):
-                handler.connection.shutdown(socket.SHUT_RDWR)  # its own thread, reading, sees the end
+            rest = handler._answer(reply, at_once=True)
+        except Exception as failure:
+            if not isinstance(failure, CLIENT_GONE):
+                log.exception("answering %s %s failed", handler.command, handler.path)
+            self._hang_up()
         finally:
-            handler._unanswered.release()
+            if rest:  # the socket took part of it: the rest goes from a thread that may wait
+                threading.Thread(target=self._send_rest, args=(rest,), daemon=True).start()
+            else:
+                handler._unanswered.release()
+
+    def _send_rest(self, rest):
+        try:
+            self.handler.connection.sendall(rest)
+        except OSError:
+            self._hang_up()
+        finally:
+            self.handler._unanswered.release()
+
+    def _hang_up(self):
+        self.handler.close_connection = True
+        with contextlib.suppress(OSError):
+            self.handler.connection.shutdown(socket.SHUT_RDWR)  # its own thread, reading, sees the end
 
     def cancel(self):
         self.handler._unanswered.release()

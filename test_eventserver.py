@@ -308,6 +308,8 @@ class PublishTest(ServerTest):
             ("Infinity", b'{"event":{"name":"A"},"payload":{"x":-Infinity}}', "JSON"),
             ("huge float", b'{"event":{"name":"A"},"payload":{"x":1e999}}', "JSON"),
             ("lone surrogate", b'{"event":{"name":"A"},"payload":{"x":"\\ud800"}}', "surrogate"),
+            ("lone surrogate, and in the dropped eventId", b'{"eventId":"\\ud800","event":{"name":"A"},'
+             b'"payload":{"x":"\\udc00"}}', "field payload contains a lone surrogate"),
             ("deep nesting", b'{"event":{"name":"A"},"payload":' + b"[" * 100000 + b"]" * 100000 + b"}",
              "JSON"),
         ]
@@ -431,6 +433,29 @@ class PublishTest(ServerTest):
             stop.set()
             for loader in loaders:
                 loader.join()
+
+    def test_a_large_answer_from_the_committing_thread_arrives_whole(self):
+        # A publish queued behind a commit is answered by the thread that commits it, which
+        # must not wait on a client's socket: what does not fit at once must still follow.
+        listener, size = self.live.server.socket, socket.SO_SNDBUF
+        self.addCleanup(listener.setsockopt, socket.SOL_SOCKET, size, listener.getsockopt(socket.SOL_SOCKET, size))
+        listener.setsockopt(socket.SOL_SOCKET, size, 4096)  # connections accepted from now on inherit it
+        store, stream = self.live.store, fresh()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            store._write_lock.acquire()  # the first publish leads and waits for it; the batch queues
+            try:
+                first = pool.submit(with_client, self.live.port, lambda c: c.publish(fresh()))
+                _wait_for(lambda: len(store._queue) == 1)
+                batch = pool.submit(with_client, self.live.port,
+                                    lambda c: c.publish(stream, [envelope("E")] * 1000))
+                _wait_for(lambda: len(store._queue) == 2)
+            finally:
+                store._write_lock.release()
+            self.assertEqual(first.result(timeout=15).status, 200)
+            response = batch.result(timeout=15)
+        self.assertEqual(response.status, 200, response)
+        self.assertEqual(len(response.json), 1000)
+        self.assertEqual([e["eventId"] for e in self.client.read(stream, "E", limit=1000).json], response.json)
 
     def test_publish_racing_producers_leave_exactly_one_owner(self):
         stream = fresh()
