@@ -434,6 +434,30 @@ class PublishTest(ServerTest):
             for loader in loaders:
                 loader.join()
 
+    def test_writes_queued_behind_a_commit_are_committed_by_the_committer_thread(self):
+        # A publish's commit is held up (another connection holds SQLite's write lock); a seek,
+        # whose thread waits for its commit, and a publish, answered by whoever commits it,
+        # queue behind it. The committer thread must take them over once the first is done.
+        stream, store, port = fresh(), self.live.store, self.live.port
+        self.publish_ok(stream)
+        blocker = sqlite3.connect(self.live.db, isolation_level=None)
+        self.addCleanup(blocker.close)
+        blocker.execute("BEGIN IMMEDIATE")
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            try:
+                held = pool.submit(with_client, port, lambda c: c.publish(stream))
+                _wait_for(lambda: store._committing and not store._queue)  # its batch is taken
+                seek = pool.submit(with_client, port, lambda c: c.request(
+                    "POST", f"/api/v1/{stream}/reader/OrderPlaced/change/1"))
+                later = pool.submit(with_client, port, lambda c: c.publish(stream))
+                _wait_for(lambda: len(store._queue) == 2)
+            finally:
+                blocker.execute("COMMIT")
+            responses = [future.result(timeout=15) for future in (held, seek, later)]
+        self.assertEqual([r.status for r in responses], [200, 200, 200], responses)
+        events = self.client.read(stream, limit=10, consumer="reader").json
+        self.assertEqual([e["eventId"] for e in events], [responses[0].json, responses[2].json])
+
     def test_a_large_answer_from_the_committing_thread_arrives_whole(self):
         # A publish queued behind a commit is answered by the thread that commits it, which
         # must not wait on a client's socket: what does not fit at once must still follow.
