@@ -1790,6 +1790,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.do_handshake()
         elif seconds:
             _kernel_timeout(self.connection, seconds)
+        # Whether another thread may answer on this connection: not over TLS (an SSL
+        # socket is not for two threads at once), and only where a send can be told not
+        # to wait (MSG_DONTWAIT, and no Python-level timeout, which polls first).
+        self._answerable_elsewhere = bool(SEND_AT_ONCE) and not isinstance(self.connection, ssl.SSLSocket) \
+            and self.connection.gettimeout() is None
 
     def parse_request(self):
         """The request line and headers. The standard library parses headers
@@ -1878,7 +1883,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
             body = self._read_body(app.config.max_body)
             request = Request(app, Router.decode(params), parse_query(query_text), self.headers, body,
-                              self if self._answerable_elsewhere() else None)
+                              self if self._answerable_elsewhere else None)
             try:
                 return handler(request)
             finally:
@@ -1943,13 +1948,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             detail = message if message and message != REASONS.get(code) else ""
             with contextlib.suppress(OSError):
                 self._send(error_reply(HTTPError(code, detail)))
-
-    def _answerable_elsewhere(self):
-        """Whether another thread may answer on this connection: not over TLS
-        (an SSL socket is not for two threads at once), and only where a send
-        can be told not to wait (MSG_DONTWAIT, no Python-level timeout)."""
-        return bool(SEND_AT_ONCE) and not isinstance(self.connection, ssl.SSLSocket) \
-            and self.connection.gettimeout() is None
 
     def finish(self):
         with self._unanswered:  # the last request's answer goes out before the connection closes
