@@ -196,6 +196,77 @@ def not_found(detail):
     return HTTPError(404, detail)
 
 
+# Logging #####################################################################
+
+LOG_QUEUE_LINES = 10_000  # lines held for stderr while it is slow; past that they are dropped
+
+
+class LogLines:
+    """Lines for stderr, written by a thread of their own from a bounded
+    queue, so that no request ever waits for its log line. When stderr
+    blocks (a pipe nobody reads), the queue fills and further lines are
+    dropped and counted; once it drains, a line says how many were lost.
+    One per process, as stderr is."""
+
+    def __init__(self, capacity=LOG_QUEUE_LINES):
+        self._lines = queue.Queue(capacity)
+        self._lock = threading.Lock()  # the count of dropped lines, and starting the thread
+        self.dropped = 0
+        self._thread = None
+
+    def write(self, line):
+        """Queue a line (ending in a newline) for stderr; drop it if the queue is full."""
+        if self._thread is None:
+            self._start()
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+
+    def _start(self):
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="log", daemon=True)
+                self._thread.start()
+
+    def _run(self):
+        reported = 0
+        while True:
+            line = self._lines.get()
+            try:
+                sys.stderr.write(line)
+                if self._lines.empty():
+                    if self.dropped != reported:
+                        sys.stderr.write(f"{utc_now()[:23]}Z eventserver: {self.dropped - reported} log lines "
+                                         f"dropped while stderr was not read ({self.dropped} in all)\n")
+                        reported = self.dropped
+                    sys.stderr.flush()
+            except (OSError, ValueError):  # stderr closed: nowhere to say it
+                pass
+            finally:
+                self._lines.task_done()
+
+    def flush(self, timeout):
+        """Wait up to timeout seconds for the queued lines to be written."""
+        deadline = time.monotonic() + timeout
+        while self._lines.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+LOG_LINES = LogLines()
+
+
+class _QueuedLogHandler(logging.Handler):
+    """The logging module's records, through LOG_LINES."""
+
+    def emit(self, record):
+        try:
+            LOG_LINES.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 # Validation ##################################################################
 
 MAX_NAME = 255
@@ -390,9 +461,45 @@ def parse_envelopes(value):
 
 
 # Storage #####################################################################
+#
+# Concurrency: who does what, and what must never block.
+#
+# Threads
+# - Connection threads, one per client connection (ThreadingHTTPServer). Each
+#   parses its requests, checks them, reads from SQLite on a reader connection
+#   from the pool, and answers its own client. A write it hands to the writer
+#   thread as a ticket, and sleeps until the ticket is committed or refused;
+#   then it answers, itself. No other thread ever touches its socket.
+# - The writer thread, one per Store (GroupCommit). It alone uses the write
+#   connection and changes the committed state kept in memory. It takes every
+#   queued ticket at once, runs their work in one transaction (group commit),
+#   commits, updates the state in memory, releases the long polls waiting on
+#   what it stored, then wakes the tickets' threads. It never touches a socket
+#   or stderr: a client that does not read, or a log nobody reads, cannot hold
+#   up anybody's write.
+# - The log thread, one per process (LogLines): writes log lines to stderr from
+#   a bounded queue; when stderr blocks, lines are dropped and counted.
+# - The accept thread (serve_forever) and the main thread (signals, stopping).
+#
+# Locks
+# - GroupCommit.lock, the write lock: held by the writer thread for each
+#   transaction. It serialises writes, so the ownership check of a stream,
+#   made inside the transaction's work, cannot race; close() takes it too.
+# - GroupCommit's condition: the queue of tickets and the writer's state.
+# - A ticket's own lock: its connection thread sleeps on it until the writer
+#   thread releases it, after the commit.
+# - Waiters' lock: the long polls registered per (stream, event name).
+# - Store's quick-read turn: short reads take turns inside SQLite.
+# The committed state in memory (streams, counts, offsets) is written by the
+# writer thread only, after its commit, and read without a lock: a reader may
+# see the state of the commit before, never a state that is not committed.
+#
+# Who answers a request: always its connection thread, and a write only once
+# its ticket is done: a 200 is never sent before the commit it reports.
 
 RECENT_EVENTS = 100_000  # events remembered from reads so acknowledging them needs no query
 ANSWERS, MAX_ANSWER_BYTES = 256, 65536  # answers to reads kept for re-reads: at most 16 MiB
+SQLITE_MAX_VARIABLES = 999  # the default limit before SQLite 3.32
 
 
 _random_pool = [b"", 0]  # random bytes drawn ahead, and how many of them are used
@@ -504,24 +611,51 @@ offsets (consumed), distinct consumers, and lag (events its consumers have
 not acknowledged, summed over their offsets)."""
 
 
-ANSWERED_LATER = object()  # what a write returns when the thread that commits it answers it
+
+
+def _inserts(table, rows, conflict=""):
+    """(sql, parameters) of statements that INSERT rows into table ("name
+    (columns)"), as few as the variable limit allows: one SQLite step for
+    many rows, where executemany takes a step (and a GIL hand-over) for each."""
+    if not rows:
+        return []
+    per_statement = SQLITE_MAX_VARIABLES // len(rows[0])
+    row_marks = "(" + ",".join("?" * len(rows[0])) + ")"
+    return [(f"INSERT INTO {table} VALUES {','.join([row_marks] * len(chunk))}{conflict}",
+             [value for row in chunk for value in row])
+            for chunk in (rows[start:start + per_statement] for start in range(0, len(rows), per_statement))]
+
+
+EVENT_COLUMNS = "events (event_id, stream_id, event_name, sequence, envelope, payload_start, payload_size, created_at)"
+OFFSET_COLUMNS = "consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)"
+OFFSET_UPSERT = (" ON CONFLICT (stream_id, event_name, consumer_id)"
+                 " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at")
+
+
 
 
 class StoreError(Exception):
     """The database cannot be opened or used."""
 
 
-class _Ticket:
-    """One queued request's share of a group commit: its work, then its
-    outcome. Its thread sleeps in wait() until the ticket is committed; or,
-    given an answer function, it goes on at once and the committer calls
-    answer(result, error) after the commit (see Store._transact)."""
+def _refusal(error):
+    """What a failed piece of work raises to its caller: a database error
+    becomes a 500; anything else (an HTTPError, a LoadError) as it is."""
+    if isinstance(error, sqlite3.Error):
+        log.error("write failed: %s", error)
+        return HTTPError(500, "the write failed")
+    return error
 
-    __slots__ = ("work", "answer", "result", "error", "done", "_turn")
+
+class _Ticket:
+    """One write's share of a group commit: its work, then its outcome. The
+    connection thread that queued it sleeps in wait() until the writer
+    thread, done with the commit, wakes it."""
+
+    __slots__ = ("work", "result", "error", "done", "_turn")
 
     def __init__(self, work):
         self.work = work
-        self.answer = None
         self.result = self.error = None
         self.done = False
         self._turn = threading.Lock()
@@ -534,11 +668,173 @@ class _Ticket:
         self._turn.release()
 
 
+class WriterState:
+    """What the writer thread does: takes writes, commits the last ones
+    queued before it stops, or has stopped."""
+    RUNNING, STOPPING, STOPPED = "running", "stopping", "stopped"
+
+
+class GroupCommit:
+    """The writer thread and its queue of tickets (the model is peewee's
+    playhouse/sqliteq: one thread, one queue, one wake-up per result).
+
+    submit(work) queues work(tx), to run in a write transaction, and sleeps
+    until the transaction is committed. The writer thread takes every ticket
+    queued when it is ready for the next transaction: while one commit waits
+    for the disk, the writes that arrive queue up and share the next (group
+    commit), so the fsyncs per second bound the commits, not the writes.
+    commit(batch) runs a batch's work and sets each ticket's outcome."""
+
+    def __init__(self, commit):
+        self.lock = threading.Lock()  # the write lock: held for each transaction
+        self._commit = commit
+        self._queued = threading.Condition(threading.Lock())
+        self._tickets = []  # waiting for the next transaction, in order of arrival
+        self.state = WriterState.RUNNING
+        self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, work):
+        """work(tx)'s result once it is committed; its error if it was refused."""
+        ticket = _Ticket(work)
+        with self._queued:
+            if self.state != WriterState.RUNNING:
+                raise HTTPError(503, "the server is stopping")
+            self._tickets.append(ticket)
+            self._queued.notify()
+        ticket.wait()
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result
+
+    def queued(self):
+        """How many writes wait for the next transaction."""
+        return len(self._tickets)
+
+    def _run(self):
+        while True:
+            with self._queued:
+                while not self._tickets and self.state == WriterState.RUNNING:
+                    self._queued.wait()
+                if not self._tickets:  # stopping, and every write is answered
+                    self.state = WriterState.STOPPED
+                    return
+            batch = []
+            try:
+                with self.lock:
+                    with self._queued:  # taken as late as possible: the more it takes, the fewer commits
+                        batch, self._tickets = self._tickets, []
+                    self._commit(batch)
+            except Exception:  # commit() sets the outcomes itself; this thread must live on regardless
+                log.exception("the writer thread failed")
+            finally:
+                for ticket in batch:
+                    if not ticket.done:  # never let a request think it committed
+                        ticket.result, ticket.error = None, HTTPError(500, "the commit failed")
+                    ticket.wake()
+
+    def close(self):
+        """Take no more writes, commit those queued, and wait for the writer thread to end."""
+        with self._queued:
+            if self.state == WriterState.RUNNING:
+                self.state = WriterState.STOPPING
+            self._queued.notify()
+        self._thread.join()
+
+
+class Waiters:
+    """Long-poll reads waiting for an event of a (stream_id, event_name) to be committed."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_key = {}  # (stream_id, event_name) -> set of threading.Event
+
+    @contextlib.contextmanager
+    def waiting(self, key):
+        """A threading.Event set when an event of key is committed (or at shutdown)."""
+        woken = threading.Event()
+        with self._lock:
+            self._by_key.setdefault(key, set()).add(woken)
+        try:
+            yield woken
+        finally:
+            with self._lock:
+                waiting = self._by_key.get(key)
+                if waiting is not None:
+                    waiting.discard(woken)
+                    if not waiting:
+                        del self._by_key[key]
+
+    def count(self):
+        """How many reads wait."""
+        with self._lock:
+            return sum(len(waiting) for waiting in self._by_key.values())
+
+    def wake(self, keys):
+        """Release the reads waiting on these keys (by the writer thread: it only sets Events)."""
+        if not self._by_key:
+            return
+        with self._lock:
+            for key in keys:
+                for woken in self._by_key.pop(key, ()):
+                    woken.set()
+
+    def wake_all(self):
+        """Release every waiting read (at shutdown)."""
+        with self._lock:
+            for waiting in self._by_key.values():
+                for woken in waiting:
+                    woken.set()
+            self._by_key.clear()
+
+
+class ReadCache:
+    """What reads learnt, kept for the requests after them. Events never
+    change once stored, so what was read stays true:
+
+    - answers: (stream_id, event_name, offset, limit) -> (full, count, JSON
+      text) of a read. A full answer (limit events) holds for good; a shorter
+      one until the count of that name moves past the count read before its
+      query. Only answers up to MAX_ANSWER_BYTES are kept, ANSWERS of them.
+    - events: event_id -> (stream_id, event_name, sequence) of the events
+      lately read, since consumers acknowledge what they just read: the ack
+      then needs no query. Up to RECENT_EVENTS of them.
+    Both are emptied when full; entries are only ever added whole, so any
+    thread may read them without a lock."""
+
+    def __init__(self):
+        self._answers = {}
+        self._events = {}
+
+    def answer(self, key, count):
+        """A kept answer that still holds while the name has count events, or None."""
+        kept = self._answers.get(key)
+        if kept is not None and (kept[0] or kept[1] == count):
+            return kept[2]
+        return None
+
+    def keep(self, key, limit, count, text, listed):
+        """Remember a read's answer and its (sequence, event_id) list."""
+        stream_id, event_name = key[:2]
+        if len(self._events) > RECENT_EVENTS:
+            self._events.clear()
+        for sequence, event_id in listed:
+            self._events[event_id] = (stream_id, event_name, int(sequence))
+        if len(text) <= MAX_ANSWER_BYTES:
+            if len(self._answers) >= ANSWERS:
+                self._answers.clear()
+            self._answers[key] = (len(listed) == limit, count, text)
+
+    def event(self, event_id):
+        """(stream_id, event_name, sequence) of an event lately read, or None."""
+        return self._events.get(event_id)
+
+
 class _Transaction:
     """A write transaction on conn, and what its requests change, kept until
     its commit: new events and offsets are written then, a statement each for
     the whole batch; the streams it created were written at once (for their
-    IDs). Cached in the store, with the counts, once committed.
+    IDs). Kept in the store's state in memory, with the counts, once committed.
 
     SQLite's transaction begins only when a statement needs it (execute):
     often the batch's INSERT is all there is, and runs alone (see Store._write)."""
@@ -569,72 +865,31 @@ class _Transaction:
         return self.conn.execute(sql, parameters)
 
 
-SQLITE_MAX_VARIABLES = 999  # the default limit before SQLite 3.32
-
-
-def _inserts(table, rows, conflict=""):
-    """(sql, parameters) of statements that INSERT rows into table ("name
-    (columns)"), as few as the variable limit allows: one SQLite step for
-    many rows, where executemany takes a step (and a GIL hand-over) for each."""
-    if not rows:
-        return []
-    per_statement = SQLITE_MAX_VARIABLES // len(rows[0])
-    row_marks = "(" + ",".join("?" * len(rows[0])) + ")"
-    return [(f"INSERT INTO {table} VALUES {','.join([row_marks] * len(chunk))}{conflict}",
-             [value for row in chunk for value in row])
-            for chunk in (rows[start:start + per_statement] for start in range(0, len(rows), per_statement))]
-
-
-EVENT_COLUMNS = "events (event_id, stream_id, event_name, sequence, envelope, payload_start, payload_size, created_at)"
-OFFSET_COLUMNS = "consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)"
-OFFSET_UPSERT = (" ON CONFLICT (stream_id, event_name, consumer_id)"
-                 " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at")
-
-
-def _refusal(error):
-    """What a failed piece of work raises to its caller: a database error
-    becomes a 500; anything else (an HTTPError, a LoadError) as it is."""
-    if isinstance(error, sqlite3.Error):
-        log.error("write failed: %s", error)
-        return HTTPError(500, "the write failed")
-    return error
-
 
 class Store:
-    """The event store: the only code that speaks SQL.
+    """The event store: the only code that speaks SQL. Its methods are the
+    domain verbs.
 
-    Writes run one at a time under a process-wide lock, on one connection.
-    Requests that arrive while a transaction commits queue up; the first of
-    them then commits them all in one transaction (group commit) and wakes
-    the others; each gets its answer only after that commit. Ownership,
-    counts and offsets are checked in memory under that lock, against the
-    committed state held here and what the transaction itself changed; the
-    batch's events go in with one INSERT at the commit. Reads use a pool of
-    their own connections and never wait for the write lock (WAL readers
-    see the last commit)."""
+    Writes go through one writer thread (GroupCommit): a verb's work runs
+    inside a transaction shared with the writes queued beside it, and the
+    verb returns once that transaction is committed. Ownership, counts and
+    offsets are checked in memory, in the work, against the committed state
+    kept here and what the transaction itself changed: this process is the
+    database's only writer (an exclusive flock makes sure), so the state in
+    memory is the database's. Reads use a pool of their own connections and
+    never wait for the write lock (WAL readers see the last commit)."""
 
     def __init__(self, path, sync="full", exclusive=True):
         self.path = path
         self.sync = sync
-        self._write_lock = threading.Lock()
-        self._queue_lock = threading.Lock()
-        self._queue = []  # tickets waiting for the next commit
-        self._committing = False  # a request's thread or the committer thread is committing; newcomers queue
-        self._handed_over = False  # the committer thread commits what queues (see _transact)
-        self._queued = threading.Condition(self._queue_lock)
         self._readers = queue.SimpleQueue()
-        self._quick_turn = threading.Lock()  # see _reading
-        # The committed state, in memory (this process is the database's only writer):
+        self._quick_turn = threading.Lock()  # see reading()
+        # The committed state, in memory, changed by the writer thread only:
         self._streams = {}  # name -> (stream_id, producer_id) of every stream; streams never change
         self._counts = {}  # (stream_id, event_name) -> events of that name, where any
         self._offsets = {}  # (stream_id, event_name, consumer_id) -> consumer offset, where one was set
-        self._recent = {}  # event_id -> (stream_id, event_name, sequence) of events lately read
-        # Answers to reads: (stream_id, event_name, offset, limit) -> (full, count, JSON text). Events
-        # never change, so a full answer (limit events) holds for good; a shorter one until the
-        # count of that name moves past the count read before its query.
-        self._answers = {}
-        self._waiters = {}  # (stream_id, event_name) -> set of threading.Event (long-poll reads)
-        self._waiters_lock = threading.Lock()
+        self.cache = ReadCache()
+        self.waiters = Waiters()
         self.closed = False
         self._lock_fd = None
         try:
@@ -644,7 +899,6 @@ class Store:
             self._migrate()
             self._identity = _file_identity(path)
             self._load_state()
-            threading.Thread(target=self._committer, name="committer", daemon=True).start()
         except (sqlite3.Error, StoreError) as error:
             with contextlib.suppress(AttributeError, sqlite3.Error):
                 self._writer.close()
@@ -652,6 +906,7 @@ class Store:
                 os.close(self._lock_fd)
             raise error if isinstance(error, StoreError) else StoreError(
                 f"cannot open database {path}: {error}") from None
+        self.writes = GroupCommit(self._commit)
 
     def _load_state(self):
         """Read the committed state kept in memory: streams, counts, offsets."""
@@ -703,12 +958,14 @@ class Store:
             raise
 
     def close(self):
-        """Close every connection (once); later requests get a 503."""
+        """Commit the writes queued, then close every connection (once);
+        later requests get a 503."""
         if self.closed:
             return
+        self.waiters.wake_all()
+        self.writes.close()
         self.closed = True
-        self.wake_all()
-        with self._write_lock:
+        with self.writes.lock:
             self._writer.close()
         while True:
             try:
@@ -722,13 +979,12 @@ class Store:
     # -- transactions ---------------------------------------------------------
 
     @contextlib.contextmanager
-    def _reading(self, quick=False):
+    def reading(self, quick=False):
         """A reader connection from the pool, its queries seeing one state of
         the database. quick: for one short query (a single statement needs
         no transaction), run in turn with the other quick ones: two threads
         inside SQLite at once cost more in lock and GIL hand-overs than they
-        gain (reads per second at 8 connections went up by half when they
-        took turns). Long queries (search, stats) run beside them."""
+        gain. Long queries (search, stats) run beside them."""
         if self.closed:
             raise HTTPError(503, "the server is stopping")
         try:
@@ -750,89 +1006,21 @@ class Store:
             else:
                 self._readers.put(conn)
 
-    def _transact(self, work, answer=None):
+    def transact(self, work):
         """Run work(tx) in a write transaction, maybe shared with other
-        requests; return its result once it is committed.
-
-        A request that finds no commit running commits at once, in its own
-        thread. Those that arrive meanwhile queue; when it is done, the
-        committer thread commits them, and goes on while more queue. Given
-        an answer function, a queued request returns ANSWERED_LATER at
-        once, and the committer calls answer(result, error) after the
-        commit: no thread sleeps and wakes (taking the GIL back) just to
-        answer, and none hands the lead to a sleeping one: 12-21% more
-        publishes per second at 8 connections than leading in turns."""
-        ticket = _Ticket(work)
-        with self._queue_lock:
-            self._queue.append(ticket)
-            leading = not self._committing
-            self._committing = True
-            if not leading:
-                ticket.answer = answer
-        if leading:
-            self._commit_queued(ticket)
-            with self._queue_lock:
-                if self._queue:  # more came meanwhile: the committer thread takes over
-                    self._handed_over = True
-                    self._queued.notify()
-                else:
-                    self._committing = False
-        elif answer is not None:
-            return ANSWERED_LATER
-        else:
-            ticket.wait()  # until the committer thread has committed it
-        if ticket.error is not None:
-            raise ticket.error
-        return ticket.result
-
-    def _commit_queued(self, own=None):
-        """Commit every queued ticket in one transaction, then answer each:
-        call its answer function, or wake its thread (except own, the
-        caller's)."""
-        batch = []
-        try:
-            with self._write_lock:
-                with self._queue_lock:  # as late as possible: the more it takes, the fewer commits
-                    batch, self._queue = self._queue, []
-                self._commit(batch)
-        finally:
-            for ticket in batch:
-                if not ticket.done:  # _commit did not finish: never let a request think it committed
-                    ticket.result, ticket.error, ticket.done = None, HTTPError(500, "the commit failed"), True
-                if ticket.answer is not None:
-                    try:
-                        ticket.answer(ticket.result, ticket.error)
-                    except Exception:  # it must not stop the others being answered
-                        log.exception("answering a request failed")
-                elif ticket is not own:
-                    ticket.wake()
-
-    def _committer(self):
-        """The committer thread's loop: commit while requests queue behind
-        a commit; when none are left, the next request commits for itself.
-        It sleeps there for good once the store is closed (a daemon thread)."""
-        while True:
-            with self._queue_lock:
-                while not (self._handed_over and self._queue):
-                    if self._handed_over:
-                        self._handed_over = self._committing = False
-                    self._queued.wait()
-            try:
-                self._commit_queued()
-            except Exception:  # _commit answers failures itself; this thread must live on regardless
-                log.exception("the committer thread failed")
+        writes; return its result once the transaction is committed."""
+        return self.writes.submit(work)
 
     def _commit(self, batch):
-        """Run the tickets' work in one transaction and commit it. A refusal
-        raised before the work wrote anything leaves the rest alone. Anything
-        else (work that fails after writing, a failed write of the batch)
-        spoils the transaction: it is rolled back, and each ticket runs again
-        in a transaction of its own, so that only the culprit fails."""
+        """(In the writer thread.) Run the tickets' work in one transaction
+        and commit it. A refusal raised before the work wrote anything leaves
+        the rest alone. Anything else (work that fails after writing, a
+        failed write of the batch) spoils the transaction: it is rolled back,
+        and each ticket runs again in a transaction of its own, so that only
+        the culprit fails."""
         conn = self._writer
         tx = _Transaction(conn)
         try:
-            if self.closed:
-                raise StoreError("the server is stopping")
             for ticket in batch:
                 saved, changes = tx.snapshot(), conn.total_changes
                 try:
@@ -850,28 +1038,27 @@ class Store:
                     conn.execute("ROLLBACK")
             if not isinstance(error, Exception):
                 raise
-            if len(batch) > 1 and not self.closed:
+            if len(batch) > 1:
                 for ticket in batch:
                     self._commit([ticket])
                 return
             log.error("commit failed: %s", error)
-            failure = HTTPError(503, "the server is stopping") if self.closed else _refusal(error)
+            failure = _refusal(error)
             for ticket in batch:
                 ticket.result, ticket.error = None, failure
         else:
             self._counts.update(tx.counts)
             self._offsets.update((key, offset) for key, (offset, _) in tx.offsets.items())
             self._streams.update(tx.streams)
-            self._wake(tx.counts)
+            self.waiters.wake(tx.counts)
         for ticket in batch:
             ticket.done = True
 
     def _write(self, tx):
         """Write what the transaction's requests kept in memory, and commit.
         A lone statement runs outside the transaction, as one of its own: one
-        SQLite step, so the committing thread gives up the GIL once instead
-        of three times (BEGIN, INSERT, COMMIT), and waits once to get it back
-        while the other threads hold it: 10-25% more publishes per second."""
+        SQLite step, so the writer thread gives up the GIL once instead of
+        three times (BEGIN, INSERT, COMMIT), and waits once to get it back."""
         statements = (_inserts(EVENT_COLUMNS, tx.events)  # the counts follow (trigger events_counted)
                       + _inserts(OFFSET_COLUMNS, [(*key, offset, moved_at) for key, (offset, moved_at)
                                                   in tx.offsets.items()], OFFSET_UPSERT))
@@ -898,8 +1085,8 @@ class Store:
             raise not_found(f"stream {name} not found")
         return found[0]
 
-    def _count(self, tx, stream_id, event_name):
-        """How many events of that name the stream has (its last sequence)."""
+    def count(self, tx, stream_id, event_name):
+        """How many events of that name the stream has (its last sequence), in tx."""
         key = (stream_id, event_name)
         return tx.counts[key] if key in tx.counts else self._counts.get(key, 0)
 
@@ -909,14 +1096,12 @@ class Store:
 
     # -- the core verbs -------------------------------------------------------
 
-    def publish(self, stream, producer_id, envelopes, idempotency_key=None, answer=None):
-        """Store envelopes in order, all or none; return their new event IDs
-        (or ANSWERED_LATER: see _transact). The first producer of a stream
-        owns it; another gets a 423. A retry with a known idempotency key and
-        the same envelopes stores nothing and returns the first IDs; with
-        other envelopes it is a 409."""
-        return self._transact(
-            lambda tx: self._publish_in(tx, stream, producer_id, envelopes, idempotency_key), answer)
+    def publish(self, stream, producer_id, envelopes, idempotency_key=None):
+        """Store envelopes in order, all or none; return their new event IDs.
+        The first producer of a stream owns it; another gets a 423. A retry
+        with a known idempotency key and the same envelopes stores nothing
+        and returns the first IDs; with other envelopes it is a 409."""
+        return self.transact(lambda tx: self._publish_in(tx, stream, producer_id, envelopes, idempotency_key))
 
     def publish_fixtures(self, fixtures):
         """Publish (stream, producer_id, Envelope) records in one transaction,
@@ -928,12 +1113,12 @@ class Store:
                 self._publish_in(tx, stream, producer_id, [envelope], None)
             return len(fixtures)
 
-        return self._transact(work)
+        return self.transact(work)
 
     def _publish_in(self, tx, stream, producer_id, envelopes, idempotency_key):
         found = self._stream(stream, tx)
         if found is None:
-            stream_id = self._create_stream(tx, stream, producer_id, tx.now)
+            stream_id = self.create_stream(tx, stream, producer_id, tx.now)
         elif found[1] != producer_id:
             raise HTTPError(423, "Second writers not allowed")
         else:
@@ -949,26 +1134,26 @@ class Store:
                 if known[0] != fingerprint:
                     raise HTTPError(409, f"idempotency key {idempotency_key} was used for other events")
                 return known[1].split(",")
-            self._remember_key(tx, stream_id, idempotency_key, fingerprint, event_ids)
-        self._append(tx, stream_id, events)
+            self.remember_key(tx, stream_id, idempotency_key, fingerprint, event_ids)
+        self.append(tx, stream_id, events)
         return event_ids
 
-    def _remember_key(self, tx, stream_id, key, fingerprint, event_ids):
+    def remember_key(self, tx, stream_id, key, fingerprint, event_ids):
         tx.execute("INSERT INTO idempotency_keys (stream_id, key, fingerprint, event_ids) VALUES (?, ?, ?, ?)",
-                     (stream_id, key, fingerprint, ",".join(event_ids)))
+                   (stream_id, key, fingerprint, ",".join(event_ids)))
 
-    def _create_stream(self, tx, name, producer_id, created_at):
+    def create_stream(self, tx, name, producer_id, created_at):
         stream_id = tx.execute("INSERT INTO streams (name, producer_id, created_at) VALUES (?, ?, ?)",
-                                 (name, producer_id, created_at)).lastrowid
+                               (name, producer_id, created_at)).lastrowid
         tx.streams[name] = (stream_id, producer_id)
         return stream_id
 
-    def _append(self, tx, stream_id, events):
+    def append(self, tx, stream_id, events):
         """Add (event_id, Envelope, created_at) in order, each with the next
         sequence of its name, to the transaction's events. Returns the sequences."""
         sequences = []
         for event_id, envelope, created_at in events:
-            sequence = tx.counts[stream_id, envelope.name] = self._count(tx, stream_id, envelope.name) + 1
+            sequence = tx.counts[stream_id, envelope.name] = self.count(tx, stream_id, envelope.name) + 1
             tx.events.append((event_id, stream_id, envelope.name, sequence, envelope.text,
                               *envelope.payload_span, created_at))
             sequences.append(sequence)
@@ -979,14 +1164,14 @@ class Store:
         consumer's offset, oldest first (the stored text, spliced, not re-encoded)."""
         stream_id = self._stream_id(stream)
         offset = self._offsets.get((stream_id, event_name, consumer_id), 0)
-        count = self._counts.get((stream_id, event_name), 0)  # read before the query: see _answers
+        count = self._counts.get((stream_id, event_name), 0)  # read before the query: see ReadCache
         if offset >= count:
             return "[]"  # nothing past the offset: no need to ask the database
         key = (stream_id, event_name, offset, limit)
-        answer = self._answers.get(key)
-        if answer is not None and (answer[0] or answer[1] == count):
-            return answer[2]
-        with self._reading(quick=True) as conn:
+        events = self.cache.answer(key, count)
+        if events is not None:
+            return events
+        with self.reading(quick=True) as conn:
             # SQLite splices "eventId" into each stored envelope and joins them: one
             # step for the whole answer, where fetching row by row costs a step each.
             events, listed = conn.execute(
@@ -1005,14 +1190,7 @@ class Store:
                 events = "[" + ",".join('{"eventId":"%s",%s' % (event_id, envelope[1:])
                                         for _, event_id, envelope in rows) + "]"
                 listed = [(sequence, event_id) for sequence, event_id, _ in rows]
-        if len(self._recent) > RECENT_EVENTS:
-            self._recent.clear()
-        for sequence, event_id in listed:
-            self._recent[event_id] = (stream_id, event_name, int(sequence))
-        if len(events) <= MAX_ANSWER_BYTES:
-            if len(self._answers) >= ANSWERS:
-                self._answers.clear()
-            self._answers[key] = (len(listed) == limit, count, events)
+        self.cache.keep(key, limit, count, events, listed)
         return events
 
     def wait_and_read(self, stream, event_name, consumer_id, limit, seconds, stopping):
@@ -1021,47 +1199,19 @@ class Store:
         deadline = time.monotonic() + seconds
         key = (self._stream_id(stream), event_name)
         while True:
-            woken = threading.Event()
-            with self._waiters_lock:  # registered before reading: a commit in between is not missed
-                self._waiters.setdefault(key, set()).add(woken)
-            try:
+            with self.waiters.waiting(key) as woken:  # before reading: a commit in between is not missed
                 events = self.read(stream, event_name, consumer_id, limit)
                 remaining = deadline - time.monotonic()
                 if events != "[]" or remaining <= 0 or self.closed or stopping():
                     return events
                 woken.wait(remaining)
-            finally:
-                with self._waiters_lock:
-                    waiting = self._waiters.get(key)
-                    if waiting is not None:
-                        waiting.discard(woken)
-                        if not waiting:
-                            del self._waiters[key]
 
-    def _wake(self, keys):
-        """Release the long polls waiting on these (stream_id, event_name)."""
-        if not self._waiters:
-            return
-        with self._waiters_lock:
-            for key in keys:
-                for woken in self._waiters.pop(key, ()):
-                    woken.set()
-
-    def wake_all(self):
-        """Release every long-poll read (at shutdown)."""
-        with self._waiters_lock:
-            for waiting in self._waiters.values():
-                for woken in waiting:
-                    woken.set()
-            self._waiters.clear()
-
-    def ack(self, stream, event_id, consumer_id, answer=None):
-        """Move the consumer's offset to the event, if it is the next one
-        (None, or ANSWERED_LATER: see _transact)."""
+    def ack(self, stream, event_id, consumer_id):
+        """Move the consumer's offset to the event, if it is the next one."""
         stream_id = self._stream_id(stream)
-        found = self._recent.get(event_id)  # usually: consumers acknowledge what they just read
+        found = self.cache.event(event_id)  # usually: consumers acknowledge what they just read
         if found is None or found[0] != stream_id:
-            with self._reading(quick=True) as conn:  # an event, once stored, never changes
+            with self.reading(quick=True) as conn:  # an event, once stored, never changes
                 row = conn.execute("SELECT event_name, sequence FROM events WHERE event_id = ? AND stream_id = ?",
                                    (event_id, stream_id)).fetchone()
             if row is None:
@@ -1077,7 +1227,7 @@ class Store:
                 raise bad_request(f"consumer offset mismatch: expected sequence {offset + 1}, got {sequence}")
             tx.offsets[stream_id, event_name, consumer_id] = (sequence, tx.now)
 
-        return self._transact(work, answer)
+        self.transact(work)
 
     # -- the Go server's other verbs ------------------------------------------
 
@@ -1085,17 +1235,17 @@ class Store:
         """Set the consumer's offset for an event name (0 to that name's count)."""
         def work(tx):
             stream_id = self._stream_id(stream, tx)
-            count = self._count(tx, stream_id, event_name)
+            count = self.count(tx, stream_id, event_name)
             if offset > count:
                 raise bad_request(f"offset must be between 0 and {count}, the count of "
                                   f"{event_name} events in stream {stream}")
             tx.offsets[stream_id, event_name, consumer_id] = (offset, tx.now)
 
-        self._transact(work)
+        self.transact(work)
 
     def envelope(self, event_id):
         """The stored JSON text of one event's envelope."""
-        with self._reading(quick=True) as conn:
+        with self.reading(quick=True) as conn:
             row = conn.execute("SELECT envelope FROM events WHERE event_id = ?", (event_id,)).fetchone()
         if row is None:
             raise not_found(f"event {event_id} not found")
@@ -1104,7 +1254,7 @@ class Store:
     def consumers(self, stream):
         """Every consumer offset of a stream with the count of its event name,
         by event name then consumer ID: (consumer, offset, moved_at, name, count)."""
-        with self._reading() as conn:
+        with self.reading() as conn:
             return conn.execute(
                 "SELECT o.consumer_id, o.consumer_offset, o.moved_at, o.event_name, coalesce(c.count, 0)"
                 " FROM consumer_offsets o LEFT JOIN event_counts c USING (stream_id, event_name)"
@@ -1113,7 +1263,7 @@ class Store:
 
     def stream_totals(self):
         """Every stream's StreamTotals, by name."""
-        with self._reading() as conn:
+        with self.reading() as conn:
             return [StreamTotals(*row) for row in conn.execute(
                 "SELECT s.name, s.producer_id, s.created_at,"
                 " (SELECT coalesce(sum(count), 0) FROM event_counts c WHERE c.stream_id = s.stream_id),"
@@ -1126,7 +1276,7 @@ class Store:
 
     def all_offsets(self):
         """Every consumer offset: (stream, consumer, event name, offset, count of that name)."""
-        with self._reading() as conn:
+        with self.reading() as conn:
             return conn.execute(
                 "SELECT s.name, o.consumer_id, o.event_name, o.consumer_offset, coalesce(c.count, 0)"
                 " FROM consumer_offsets o JOIN streams s USING (stream_id)"
@@ -1135,7 +1285,7 @@ class Store:
 
     def daily_counts(self, first_day, last_day):
         """{'YYYY-MM-DD': events stored that day (UTC)} for the days in range."""
-        with self._reading() as conn:
+        with self.reading() as conn:
             return dict(conn.execute("SELECT day, count FROM daily_counts WHERE day BETWEEN ? AND ?",
                                      (first_day, last_day)))
 
@@ -1146,7 +1296,7 @@ class Store:
         equals is exact."""
         if "\x00" in term:
             return [], [], [], []  # no name or ID holds one, and stored JSON escapes it
-        with self._reading() as conn:
+        with self.reading() as conn:
             # lower() of SQLite folds ASCII letters only, as "contains" asks.
             pairs = conn.execute(
                 "SELECT s.name, c.event_name FROM event_counts c JOIN streams s USING (stream_id)"
@@ -1171,7 +1321,7 @@ class Store:
         """The stream's newest events created at or after since, newest first,
         each with the sorted IDs of the consumers past it:
         (event_id, event_name, created_at, [consumer IDs])."""
-        with self._reading() as conn:
+        with self.reading() as conn:
             stream_id = self._stream_id(stream)
             events = conn.execute(
                 "SELECT event_id, event_name, sequence, created_at FROM events"
@@ -1186,121 +1336,18 @@ class Store:
                  [consumer for consumer, offset in offsets.get(name, ()) if offset >= sequence])
                 for event_id, name, sequence, created_at in events]
 
-    # -- moving whole databases -----------------------------------------------
-
-    def export(self, out):
-        """Write every stream, event, consumer offset and idempotency key as
-        NDJSON lines to the text stream out, from one consistent snapshot."""
-        def line(record, envelope=None):
-            text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-            out.write(text[:-1] + ',"envelope":' + envelope + "}\n" if envelope else text + "\n")
-
-        with self._reading() as conn:
-            for name, producer_id, created_at in conn.execute(
-                    "SELECT name, producer_id, created_at FROM streams ORDER BY stream_id"):
-                line({"type": "stream", "stream": name, "producerId": producer_id, "createdAt": created_at})
-            for name, event_id, event_name, sequence, created_at, envelope in conn.execute(
-                    "SELECT s.name, e.event_id, e.event_name, e.sequence, e.created_at, e.envelope"
-                    " FROM events e JOIN streams s USING (stream_id) ORDER BY e.event_pk"):
-                line({"type": "event", "stream": name, "eventId": event_id, "eventName": event_name,
-                      "sequence": sequence, "createdAt": created_at}, envelope)
-            for name, consumer_id, event_name, offset, moved_at in conn.execute(
-                    "SELECT s.name, o.consumer_id, o.event_name, o.consumer_offset, o.moved_at"
-                    " FROM consumer_offsets o JOIN streams s USING (stream_id)"
-                    " ORDER BY o.stream_id, o.event_name, o.consumer_id"):
-                line({"type": "offset", "stream": name, "consumerId": consumer_id, "eventName": event_name,
-                      "offset": offset, "movedAt": moved_at})
-            for name, key, fingerprint, event_ids in conn.execute(
-                    "SELECT s.name, k.key, k.fingerprint, k.event_ids"
-                    " FROM idempotency_keys k JOIN streams s USING (stream_id) ORDER BY k.stream_id, k.key"):
-                line({"type": "idempotencyKey", "stream": name, "key": key, "fingerprint": fingerprint,
-                      "eventIds": event_ids.split(",")})
-
-    def import_records(self, lines):
-        """Load what export wrote into this empty database, exactly, in one
-        transaction; a bad line (LoadError names it) changes nothing."""
-        def work(tx):
-            if tx.execute("SELECT 1 FROM streams LIMIT 1").fetchone():
-                raise LoadError(0, "the database is not empty")
-            for number, raw in enumerate(lines, 1):
-                if raw.strip():
-                    try:
-                        self._import_line(tx, decode_json(raw, "line"))
-                        if len(tx.events) >= 10_000:  # write as it goes: a dump may not fit in memory
-                            for statement in _inserts(EVENT_COLUMNS, tx.events):
-                                tx.execute(*statement)
-                            tx.events.clear()
-                    except HTTPError as error:
-                        raise LoadError(number, error.detail or error.text) from None
-                    except (KeyError, TypeError, AttributeError, ValueError) as error:
-                        raise LoadError(number, f"malformed record ({error!r})") from None
-            return len(tx.streams)
-
-        return self._transact(work)
-
-    def _import_line(self, tx, record):
-        kind = record["type"]
-        if kind == "stream":
-            name = check_name("stream", record["stream"])
-            if name in tx.streams:
-                raise bad_request(f"stream {name} appears twice")
-            self._create_stream(tx, name, check_token("producerId", record["producerId"]),
-                                _time(record["createdAt"]))
-            return
-        stream_id = tx.streams.get(record["stream"], (None,))[0]
-        if stream_id is None:
-            raise bad_request(f"stream {record['stream']} has no stream line before it")
-        if kind == "event":
-            envelope = Envelope(record["envelope"])
-            if envelope.name != record["eventName"]:
-                raise bad_request("eventName is not the envelope's event.name")
-            event = (check_event_id(record["eventId"]), envelope, _time(record["createdAt"]))
-            if self._append(tx, stream_id, [event]) != [record["sequence"]]:
-                raise bad_request(f"sequence {record['sequence']} is not the next of {envelope.name}")
-        elif kind == "offset":
-            event_name = check_name("eventName", record["eventName"])
-            offset = record["offset"]
-            if type(offset) is not int or not 0 <= offset <= self._count(tx, stream_id, event_name):
-                raise bad_request(f"offset {offset!r} is out of range")
-            consumer_id = check_token("consumerId", record["consumerId"])
-            tx.offsets[stream_id, event_name, consumer_id] = (offset, _time(record["movedAt"]))
-        elif kind == "idempotencyKey":
-            event_ids = [check_event_id(event_id) for event_id in record["eventIds"]]
-            self._remember_key(tx, stream_id, check_token("key", record["key"]),
-                               str(record["fingerprint"]), event_ids)
-        else:
-            raise bad_request(f"unknown record type {kind!r}")
-
-    def backup(self, target):
-        """Copy the database, consistently even while it is written, to the file target."""
-        with self._reading() as conn:
-            conn.execute("COMMIT")  # the backup API takes its own snapshot
-            destination = sqlite3.connect(target)
-            try:
-                conn.backup(destination)
-            finally:
-                destination.close()
-
     def health_problem(self):
         """Why the database does not answer, or None when it does."""
         try:
             if _file_identity(self.path) != self._identity:
                 return f"the database file {self.path} was removed or replaced"
-            with self._reading(quick=True) as conn:
+            with self.reading(quick=True) as conn:
                 conn.execute("SELECT count(*) FROM streams").fetchone()
         except OSError:
             return f"the database file {self.path} was removed"
         except (sqlite3.Error, HTTPError) as error:
             return f"the database does not answer: {error}"
         return None
-
-
-class LoadError(Exception):
-    """A line of an import that cannot be loaded (number 0: the whole import)."""
-
-    def __init__(self, number, reason):
-        super().__init__(f"line {number}: {reason}" if number else reason)
-
 
 
 
@@ -1334,25 +1381,11 @@ JSON_TYPE = "application/json; charset=utf-8"
 class Request:
     """What a handler needs of a request: path parameters, query, headers, body."""
 
-    __slots__ = ("app", "params", "query", "headers", "body", "client_id", "_handler")
+    __slots__ = ("app", "params", "query", "headers", "body", "client_id")
 
-    def __init__(self, app, params, query, headers, body, handler=None):
+    def __init__(self, app, params, query, headers, body):
         self.app, self.params, self.query, self.headers, self.body = app, params, query, headers, body
         self.client_id = ""
-        self._handler = handler  # the connection's, if another thread may answer on it
-
-    def write(self, write, make_reply):
-        """make_reply(write(answer)), for a Store write verb called by write
-        with an answer function. When the verb returns ANSWERED_LATER, the
-        thread that commits the request answers it (make_reply included)."""
-        answer = _LaterAnswer(self._handler, self, make_reply) if self._handler else None
-        result = None
-        try:
-            result = write(answer)
-        finally:
-            if answer is not None and result is not ANSWERED_LATER:
-                answer.cancel()  # answered by this thread after all
-        return result if result is ANSWERED_LATER else make_reply(result)
 
     def header(self, name):
         """A header's value read as UTF-8 ('' when absent)."""
@@ -1442,9 +1475,8 @@ def publish(request):
     key = request.idempotency_key()
     body = parse_json(request.body, request.headers.get("Content-Type"))
     envelopes = parse_envelopes(body)
-    return request.write(
-        lambda answer: request.app.store.publish(stream, producer_id, envelopes, key, answer),
-        lambda event_ids: json_reply(event_ids if isinstance(body, list) else event_ids[0]))
+    event_ids = request.app.store.publish(stream, producer_id, envelopes, key)
+    return json_reply(event_ids if isinstance(body, list) else event_ids[0])
 
 
 def read_events(request):
@@ -1481,8 +1513,8 @@ def ack(request):
         raise bad_request("Content-Type must be application/x-www-form-urlencoded or application/json")
     if action != "ACK":
         raise bad_request("action must be ACK")
-    return request.write(lambda answer: request.app.store.ack(stream, event_id, consumer_id, answer),
-                         lambda _: json_reply("OK"))
+    request.app.store.ack(stream, event_id, consumer_id)
+    return json_reply("OK")
 
 
 # -- the Go server's other endpoints (SPEC 4) ----------------------------------
@@ -1503,6 +1535,8 @@ def metrics(request):
         ("consumer_lag", "gauge", "Events of that name the consumer has not acknowledged.",
          [({"stream": stream, "consumerId": consumer, "eventName": name}, count - offset)
           for stream, consumer, name, offset, count in offsets]),
+        ("log_lines_dropped_total", "counter", "Log lines dropped because stderr was not read.",
+         [({}, LOG_LINES.dropped)]),
     ]
     lines = []
     for name, kind, text, samples in families:
@@ -1739,7 +1773,7 @@ class App:
     def drain(self, timeout):
         """Refuse new requests, release long polls, wait for the rest to finish."""
         self.stopping.set()
-        self.store.wake_all()
+        self.store.waiters.wake_all()
         deadline = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -1782,7 +1816,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        self._unanswered = threading.Lock()  # held while another thread owes this connection an answer
         self._body_unread = False
         seconds = self.server.app.config.timeout
         if isinstance(self.connection, ssl.SSLSocket):
@@ -1790,18 +1823,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.connection.do_handshake()
         elif seconds:
             _kernel_timeout(self.connection, seconds)
-        # Whether another thread may answer on this connection: not over TLS (an SSL
-        # socket is not for two threads at once), and only where a send can be told not
-        # to wait (MSG_DONTWAIT, and no Python-level timeout, which polls first).
-        self._answerable_elsewhere = bool(SEND_AT_ONCE) and not isinstance(self.connection, ssl.SSLSocket) \
-            and self.connection.gettimeout() is None
 
     def parse_request(self):
         """The request line and headers. The standard library parses headers
         with the email package, which costs more than all the rest of a small
         request; a header is one line here, so a split does."""
-        with self._unanswered:  # the last request is answered: its state may be replaced
-            pass
         self.command, self.request_version, self.close_connection = None, "HTTP/1.1", True
         if not self.raw_requestline.endswith(b"\n"):
             return False  # cut off by the timeout or a hang-up: nobody to answer
@@ -1856,22 +1882,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             app.end(self)
             self.close_connection = True
             return
-        if reply is not ANSWERED_LATER:  # else the thread that commits the request answers it
-            self._answer(reply)
+        self._answer(reply)
 
     # The usual methods, found without a detour through __getattr__ (a cost on every request).
     do_GET = do_POST = do_HEAD = _dispatch
 
-    def _answer(self, reply, at_once=False):
-        """Count the request out, send its reply, log it. at_once: from the
-        thread that commits for others, which must not wait on one client's
-        socket: what the socket cannot take at once is returned, unsent."""
+    def _answer(self, reply):
+        """Count the request out, send its reply, log it."""
         app = self.server.app
         app.end(self)
-        rest = self._send(reply, at_once)
+        self._send(reply)
         if not app.config.quiet:
             log_access(self, reply, (time.perf_counter() - self._started) * 1000)
-        return rest
 
     def _handle(self, app):
         """Route, authenticate, read the body, call the handler: its Reply,
@@ -1882,8 +1904,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if handler not in PUBLIC and not app.authorized(self.headers.get("Authorization")):
                 raise HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
             body = self._read_body(app.config.max_body)
-            request = Request(app, Router.decode(params), parse_query(query_text), self.headers, body,
-                              self if self._answerable_elsewhere else None)
+            request = Request(app, Router.decode(params), parse_query(query_text), self.headers, body)
             try:
                 return handler(request)
             finally:
@@ -1915,7 +1936,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._body_unread = False
         return body
 
-    def _send(self, reply, at_once=False):
+    def _send(self, reply):
         if self._body_unread:  # we answered without reading the body: the connection cannot go on
             self.close_connection = True
         lines = [f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Error')}",
@@ -1930,28 +1951,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: keep-alive")
         # One write for head and body: no small packets for Nagle to hold back.
         body = b"" if self.command == "HEAD" else reply.body  # HEAD: the head only, as HTTP says
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-        if not at_once:
-            self.wfile.write(data)
-            return b""
-        try:
-            return data[self.connection.send(data, SEND_AT_ONCE):]
-        except BlockingIOError:
-            return data
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (bad request line, headers
         too long...), as JSON like every other error."""
-        with self._unanswered:  # after the last request's answer, which reads this state
-            self.close_connection = True
-            self._body_unread = True
-            detail = message if message and message != REASONS.get(code) else ""
-            with contextlib.suppress(OSError):
-                self._send(error_reply(HTTPError(code, detail)))
+        self.close_connection = True
+        self._body_unread = True
+        detail = message if message and message != REASONS.get(code) else ""
+        with contextlib.suppress(OSError):
+            self._send(error_reply(HTTPError(code, detail)))
 
     def finish(self):
-        with self._unanswered:  # the last request's answer goes out before the connection closes
-            pass
         super().finish()
         if self._body_unread:
             self._linger()
@@ -1977,60 +1988,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
-class _LaterAnswer:
-    """A write request's answer, owed to its connection by the thread that
-    commits the request (see Store._transact). Calling it sends the reply;
-    until then, or until it is cancelled, the connection reads no further
-    request (an SSL socket cannot be read and written by two threads at
-    once, so TLS connections answer for themselves)."""
-
-    __slots__ = ("handler", "request", "make_reply")
-
-    def __init__(self, handler, request, make_reply):
-        self.handler, self.request, self.make_reply = handler, request, make_reply
-        handler._unanswered.acquire()
-
-    def __call__(self, result, error):
-        handler, rest = self.handler, b""
-        try:
-            try:
-                if error is not None:
-                    raise error
-                reply = self.make_reply(result)
-            except HTTPError as refusal:
-                reply = error_reply(refusal)
-            except Exception:  # as Handler._handle does for its own thread
-                log.exception("error handling %s %s", handler.command, handler.path)
-                reply = error_reply(HTTPError(500, "see the server log"))
-            handler.client_id = self.request.client_id
-            rest = handler._answer(reply, at_once=True)
-        except Exception as failure:
-            if not isinstance(failure, CLIENT_GONE):
-                log.exception("answering %s %s failed", handler.command, handler.path)
-            self._hang_up()
-        finally:
-            if rest:  # the socket took part of it: the rest goes from a thread that may wait
-                threading.Thread(target=self._send_rest, args=(rest,), daemon=True).start()
-            else:
-                handler._unanswered.release()
-
-    def _send_rest(self, rest):
-        try:
-            self.handler.connection.sendall(rest)
-        except OSError:
-            self._hang_up()
-        finally:
-            self.handler._unanswered.release()
-
-    def _hang_up(self):
-        self.handler.close_connection = True
-        with contextlib.suppress(OSError):
-            self.handler.connection.shutdown(socket.SHUT_RDWR)  # its own thread, reading, sees the end
-
-    def cancel(self):
-        self.handler._unanswered.release()
-
-
 _date_cache = [0, ""]
 
 
@@ -2042,16 +1999,10 @@ def _http_date():
     return _date_cache[1]
 
 
-_access_log_lock = threading.Lock()
-
-
 def log_access(handler, reply, milliseconds):
     """One line per request on stderr: method, path, status, bytes, ms, client ID."""
-    line = (f"{utc_now()[:23]}Z {handler.client_address[0]} {handler.command} {handler.path}"
-            f" {reply.status} {len(reply.body)} {milliseconds:.1f}ms {handler.client_id or '-'}\n")
-    with _access_log_lock:
-        sys.stderr.write(line)
-        sys.stderr.flush()
+    LOG_LINES.write(f"{utc_now()[:23]}Z {handler.client_address[0]} {handler.command} {handler.path}"
+                    f" {reply.status} {len(reply.body)} {milliseconds:.1f}ms {handler.client_id or '-'}\n")
 
 
 def _kernel_timeout(sock, seconds):
@@ -2069,11 +2020,13 @@ def _kernel_timeout(sock, seconds):
 
 
 LINGER_SECONDS, LINGER_BYTES = 2.0, 64 * 1048576  # see Handler._linger
-SEND_AT_ONCE = getattr(socket, "MSG_DONTWAIT", 0)  # a send flag: fail rather than wait for room
 
 # A client that went away, stalled past the timeout or spoke no TLS: nobody to answer,
 # and not the server's error. (socket.timeout is TimeoutError only from Python 3.10.)
 CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout, BlockingIOError, ssl.SSLError)
+
+
+POLL_SECONDS = 0.05  # how often the accept loop looks whether to stop: a stop takes at most this
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -2342,6 +2295,154 @@ DASHBOARD_HEADERS = (
 )
 
 
+# Tools: moving whole databases ###############################################
+
+class LoadError(Exception):
+    """A line of an import that cannot be loaded (number 0: the whole import)."""
+
+    def __init__(self, number, reason):
+        super().__init__(f"line {number}: {reason}" if number else reason)
+
+
+def export(store, out):
+    """Write every stream, event, consumer offset and idempotency key as
+    NDJSON lines to the text stream out, from one consistent snapshot."""
+    def line(record, envelope=None):
+        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        out.write(text[:-1] + ',"envelope":' + envelope + "}\n" if envelope else text + "\n")
+
+    with store.reading() as conn:
+        for name, producer_id, created_at in conn.execute(
+                "SELECT name, producer_id, created_at FROM streams ORDER BY stream_id"):
+            line({"type": "stream", "stream": name, "producerId": producer_id, "createdAt": created_at})
+        for name, event_id, event_name, sequence, created_at, envelope in conn.execute(
+                "SELECT s.name, e.event_id, e.event_name, e.sequence, e.created_at, e.envelope"
+                " FROM events e JOIN streams s USING (stream_id) ORDER BY e.event_pk"):
+            line({"type": "event", "stream": name, "eventId": event_id, "eventName": event_name,
+                  "sequence": sequence, "createdAt": created_at}, envelope)
+        for name, consumer_id, event_name, offset, moved_at in conn.execute(
+                "SELECT s.name, o.consumer_id, o.event_name, o.consumer_offset, o.moved_at"
+                " FROM consumer_offsets o JOIN streams s USING (stream_id)"
+                " ORDER BY o.stream_id, o.event_name, o.consumer_id"):
+            line({"type": "offset", "stream": name, "consumerId": consumer_id, "eventName": event_name,
+                  "offset": offset, "movedAt": moved_at})
+        for name, key, fingerprint, event_ids in conn.execute(
+                "SELECT s.name, k.key, k.fingerprint, k.event_ids"
+                " FROM idempotency_keys k JOIN streams s USING (stream_id) ORDER BY k.stream_id, k.key"):
+            line({"type": "idempotencyKey", "stream": name, "key": key, "fingerprint": fingerprint,
+                  "eventIds": event_ids.split(",")})
+
+
+IMPORT_CHUNK = 10_000  # events an import writes at a time: a dump may not fit in memory
+
+
+def import_records(store, lines):
+    """Load what export wrote into the store's empty database, exactly, in
+    one transaction; a bad line (LoadError names it) changes nothing."""
+    def work(tx):
+        if tx.execute("SELECT 1 FROM streams LIMIT 1").fetchone():
+            raise LoadError(0, "the database is not empty")
+        for number, raw in enumerate(lines, 1):
+            if raw.strip():
+                try:
+                    _import_line(store, tx, decode_json(raw, "line"))
+                    if len(tx.events) >= IMPORT_CHUNK:
+                        for statement in _inserts(EVENT_COLUMNS, tx.events):
+                            tx.execute(*statement)
+                        tx.events.clear()
+                except HTTPError as error:
+                    raise LoadError(number, error.detail or error.text) from None
+                except (KeyError, TypeError, AttributeError, ValueError) as error:
+                    raise LoadError(number, f"malformed record ({error!r})") from None
+        return len(tx.streams)
+
+    return store.transact(work)
+
+
+def _import_line(store, tx, record):
+    kind = record["type"]
+    if kind == "stream":
+        name = check_name("stream", record["stream"])
+        if name in tx.streams:
+            raise bad_request(f"stream {name} appears twice")
+        store.create_stream(tx, name, check_token("producerId", record["producerId"]), _time(record["createdAt"]))
+        return
+    stream_id = tx.streams.get(record["stream"], (None,))[0]
+    if stream_id is None:
+        raise bad_request(f"stream {record['stream']} has no stream line before it")
+    if kind == "event":
+        envelope = Envelope(record["envelope"])
+        if envelope.name != record["eventName"]:
+            raise bad_request("eventName is not the envelope's event.name")
+        event = (check_event_id(record["eventId"]), envelope, _time(record["createdAt"]))
+        if store.append(tx, stream_id, [event]) != [record["sequence"]]:
+            raise bad_request(f"sequence {record['sequence']} is not the next of {envelope.name}")
+    elif kind == "offset":
+        event_name = check_name("eventName", record["eventName"])
+        offset = record["offset"]
+        if type(offset) is not int or not 0 <= offset <= store.count(tx, stream_id, event_name):
+            raise bad_request(f"offset {offset!r} is out of range")
+        consumer_id = check_token("consumerId", record["consumerId"])
+        tx.offsets[stream_id, event_name, consumer_id] = (offset, _time(record["movedAt"]))
+    elif kind == "idempotencyKey":
+        event_ids = [check_event_id(event_id) for event_id in record["eventIds"]]
+        store.remember_key(tx, stream_id, check_token("key", record["key"]), str(record["fingerprint"]), event_ids)
+    else:
+        raise bad_request(f"unknown record type {kind!r}")
+
+
+def backup(store, target):
+    """Copy the database, consistently even while it is written, to the file target."""
+    with store.reading() as conn:
+        conn.execute("COMMIT")  # the backup API takes its own snapshot
+        destination = sqlite3.connect(target)
+        try:
+            conn.backup(destination)
+        finally:
+            destination.close()
+
+
+TOOLS = {
+    "export": "Write every stream's events, consumer offsets and idempotency keys as NDJSON to stdout.",
+    "import": "Read what export wrote from stdin into an empty database, exactly.",
+    "backup": "Copy a database, consistently even while a server writes to it, to OUT.",
+}
+
+
+def run_tool(command, argv, environ):
+    """export, import and backup: one database in, NDJSON or a copy out."""
+    parser = _ArgumentParser(prog=f"eventserver.py {command}", description=TOOLS[command])
+    parser.add_argument("--db", default=environ.get("EVENTSERVER_DB") or "eventserver.db",
+                        help="SQLite file (env EVENTSERVER_DB, default eventserver.db)")
+    if command == "backup":
+        parser.add_argument("out", help="file to write the copy to")
+    args = parser.parse_args(argv)
+    if command != "import" and not os.path.isfile(args.db):
+        raise ConfigError(f"no database file {args.db}")
+    try:
+        store = Store(args.db, exclusive=command == "import")  # export and backup read a live database
+    except StoreError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        if command == "export":
+            try:
+                export(store, sys.stdout)
+                sys.stdout.flush()
+            except BrokenPipeError:  # export | head: the reader has all it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        elif command == "import":
+            import_records(store, sys.stdin.buffer)
+        else:
+            backup(store, args.out)
+    except LoadError as error:
+        raise ConfigError(f"import: {error}") from None
+    except (HTTPError, sqlite3.Error, OSError) as error:
+        raise ConfigError(f"{command}: {error}") from None
+    finally:
+        store.close()
+    return 0
+
+
 # Command line ################################################################
 
 def serve(config):
@@ -2368,13 +2469,14 @@ def serve(config):
         print(f"eventserver {__version__} listening on {scheme}://{_url_host(host)}:{port}/", flush=True)
         if config.password_generated:
             print(f"no credentials configured: user {config.user}, password {config.password}", flush=True)
-        threading.Thread(target=server.serve_forever, name="accept", daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(POLL_SECONDS,), name="accept", daemon=True).start()
         while not stop.wait(1.0):
             pass
         server.shutdown()  # no new connections
         server.server_close()
         server.app.drain(timeout=config.timeout or 30)  # in-flight requests finish
         store.close()
+        LOG_LINES.flush(timeout=1.0)
         return 0
 
 
@@ -2428,53 +2530,14 @@ def load_fixtures(store, filename):
         log.info("fixtures %s not loaded: the database already has streams", filename)
 
 
-def run_tool(command, argv, environ):
-    """export, import and backup: one database in, NDJSON or a copy out."""
-    parser = _ArgumentParser(prog=f"eventserver.py {command}", description=TOOLS[command])
-    parser.add_argument("--db", default=environ.get("EVENTSERVER_DB") or "eventserver.db",
-                        help="SQLite file (env EVENTSERVER_DB, default eventserver.db)")
-    if command == "backup":
-        parser.add_argument("out", help="file to write the copy to")
-    args = parser.parse_args(argv)
-    if command != "import" and not os.path.isfile(args.db):
-        raise ConfigError(f"no database file {args.db}")
-    try:
-        store = Store(args.db, exclusive=command == "import")  # export and backup read a live database
-    except StoreError as error:
-        raise ConfigError(str(error)) from None
-    try:
-        if command == "export":
-            try:
-                store.export(sys.stdout)
-                sys.stdout.flush()
-            except BrokenPipeError:  # export | head: the reader has all it wanted
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        elif command == "import":
-            store.import_records(sys.stdin.buffer)
-        else:
-            store.backup(args.out)
-    except LoadError as error:
-        raise ConfigError(f"import: {error}") from None
-    except (HTTPError, sqlite3.Error, OSError) as error:
-        raise ConfigError(f"{command}: {error}") from None
-    finally:
-        store.close()
-    return 0
-
-
-TOOLS = {
-    "export": "Write every stream's events, consumer offsets and idempotency keys as NDJSON to stdout.",
-    "import": "Read what export wrote from stdin into an empty database, exactly.",
-    "backup": "Copy a database, consistently even while a server writes to it, to OUT.",
-}
-
-
 def _url_host(host):
     return f"[{host}]" if ":" in host else host
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    handler = _QueuedLogHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in TOOLS:

@@ -168,7 +168,7 @@ class LiveServer:
         self.store = eventserver.Store(self.config.db, self.config.sync)
         self.server = eventserver.make_server(self.config, self.store)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(eventserver.POLL_SECONDS,), daemon=True)
         self.thread.start()
 
     def client(self):
@@ -434,10 +434,9 @@ class PublishTest(ServerTest):
             for loader in loaders:
                 loader.join()
 
-    def test_writes_queued_behind_a_commit_are_committed_by_the_committer_thread(self):
-        # A publish's commit is held up (another connection holds SQLite's write lock); a seek,
-        # whose thread waits for its commit, and a publish, answered by whoever commits it,
-        # queue behind it. The committer thread must take them over once the first is done.
+    def test_writes_queued_behind_a_held_up_commit_are_committed_after_it(self):
+        # A publish's commit is held up (another connection holds SQLite's write lock); a seek
+        # and a publish queue behind it. Once the first commits, the writer takes them both.
         stream, store, port = fresh(), self.live.store, self.live.port
         self.publish_ok(stream)
         blocker = sqlite3.connect(self.live.db, isolation_level=None)
@@ -446,11 +445,11 @@ class PublishTest(ServerTest):
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             try:
                 held = pool.submit(with_client, port, lambda c: c.publish(stream))
-                _wait_for(lambda: store._committing and not store._queue)  # its batch is taken
+                _wait_for(lambda: store.writes.lock.locked() and not store.writes.queued())  # its batch is taken
                 seek = pool.submit(with_client, port, lambda c: c.request(
                     "POST", f"/api/v1/{stream}/reader/OrderPlaced/change/1"))
                 later = pool.submit(with_client, port, lambda c: c.publish(stream))
-                _wait_for(lambda: len(store._queue) == 2)
+                _wait_for(lambda: store.writes.queued() == 2)
             finally:
                 blocker.execute("COMMIT")
             responses = [future.result(timeout=15) for future in (held, seek, later)]
@@ -458,23 +457,22 @@ class PublishTest(ServerTest):
         events = self.client.read(stream, limit=10, consumer="reader").json
         self.assertEqual([e["eventId"] for e in events], [responses[0].json, responses[2].json])
 
-    def test_a_large_answer_from_the_committing_thread_arrives_whole(self):
-        # A publish queued behind a commit is answered by the thread that commits it, which
-        # must not wait on a client's socket: what does not fit at once must still follow.
+    def test_a_large_answer_of_a_queued_write_arrives_whole(self):
+        # A batch queued behind a commit, answered through a small send buffer: all of it arrives.
         listener, size = self.live.server.socket, socket.SO_SNDBUF
         self.addCleanup(listener.setsockopt, socket.SOL_SOCKET, size, listener.getsockopt(socket.SOL_SOCKET, size))
         listener.setsockopt(socket.SOL_SOCKET, size, 4096)  # connections accepted from now on inherit it
         store, stream = self.live.store, fresh()
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            store._write_lock.acquire()  # the first publish leads and waits for it; the batch queues
+            store.writes.lock.acquire()  # the writer waits for it with the first publish; the batch queues
             try:
                 first = pool.submit(with_client, self.live.port, lambda c: c.publish(fresh()))
-                _wait_for(lambda: len(store._queue) == 1)
+                _wait_for(lambda: store.writes.queued() == 1)
                 batch = pool.submit(with_client, self.live.port,
                                     lambda c: c.publish(stream, [envelope("E")] * 1000))
-                _wait_for(lambda: len(store._queue) == 2)
+                _wait_for(lambda: store.writes.queued() == 2)
             finally:
-                store._write_lock.release()
+                store.writes.lock.release()
             self.assertEqual(first.result(timeout=15).status, 200)
             response = batch.result(timeout=15)
         self.assertEqual(response.status, 200, response)
@@ -633,7 +631,7 @@ class ReadTest(ServerTest):
         stream = fresh()
         event_id = self.publish_ok(stream)
         store = self.live.store
-        store._write_lock.acquire()
+        store.writes.lock.acquire()
         try:
             blocked = concurrent.futures.ThreadPoolExecutor(1)
             pending = blocked.submit(with_client, self.live.port, lambda c: c.publish(stream))
@@ -643,7 +641,7 @@ class ReadTest(ServerTest):
             self.assertEqual([e["eventId"] for e in response.json], [event_id])
             self.assertFalse(pending.done())  # the publish is the one waiting
         finally:
-            store._write_lock.release()
+            store.writes.lock.release()
         self.assertEqual(pending.result(timeout=10).status, 200)
         blocked.shutdown()
 
@@ -1032,14 +1030,14 @@ class InternalErrorTest(ServerTest):
         store = self.live.store
         with self.assertLogs("eventserver", level="ERROR"):
             with concurrent.futures.ThreadPoolExecutor(6) as pool:
-                store._write_lock.acquire()  # let all six queue up for one commit
+                store.writes.lock.acquire()  # let all six queue up for one commit
                 try:
                     # the poisoned publish creates its stream (a write), then its event fails at commit
                     futures = [pool.submit(with_client, self.live.port, lambda c: c.publish(poisoned, envelope("Poison")))]
                     futures += [pool.submit(with_client, self.live.port, lambda c, s=s: c.publish(s)) for s in healthy]
-                    _wait_for(lambda: len(store._queue) == 6)
+                    _wait_for(lambda: store.writes.queued() == 6)
                 finally:
-                    store._write_lock.release()
+                    store.writes.lock.release()
                 responses = [f.result(timeout=10) for f in futures]
         self.assert_error(responses[0], 500, starts="Internal Server Error")
         self.assertEqual([r.status for r in responses[1:]], [200] * 5)
@@ -1146,7 +1144,8 @@ class MetricsTest(FreshServerTest):
         key = (("stream", weird), ("consumerId", 'c"2\\'), ("eventName", 'Na"me'))
         self.assertEqual(samples[("consumer_offset", key)], 1)
         self.assertEqual(samples[("consumer_lag", key)], 0)
-        self.assertEqual(len(samples), 9)
+        self.assertEqual(samples[("log_lines_dropped_total", ())], eventserver.LOG_LINES.dropped)
+        self.assertEqual(len(samples), 10)
 
 
 def _parse_prometheus(text):
@@ -1557,7 +1556,7 @@ class LongPollTest(ServerTest):
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
             waiting = [pool.submit(with_client, self.live.port,
                                    lambda c: c.read(stream, "A", extra="&wait=3")) for _ in range(20)]
-            _wait_for(lambda: sum(len(waiting) for waiting in self.live.store._waiters.values()) == 20)
+            _wait_for(lambda: self.live.store.waiters.count() == 20)
             for _ in range(10):
                 self.publish_ok(stream, envelope("Other"))
             self.assertFalse(any(w.done() for w in waiting))  # the publishes went by while all 20 waited
