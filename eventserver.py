@@ -73,7 +73,17 @@ def _positive_int(text):
     return value
 
 
-_positive_int.__name__ = "positive integer"
+_positive_int.__name__ = "a positive integer"
+
+
+def _port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+_port.__name__ = "a port between 0 and 65535"
 
 
 def _seconds(text):
@@ -83,77 +93,108 @@ def _seconds(text):
     return value
 
 
-_seconds.__name__ = "number of seconds"
+_seconds.__name__ = "a number of seconds"
+
+
+def _switch(text):
+    value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
+_switch.__name__ = "1, true, yes, 0, false or no"
+
+
+def _choice(*choices):
+    def choice(text):
+        if text.lower() not in choices:
+            raise ValueError(text)
+        return text.lower()
+
+    choice.__name__ = " or ".join(choices)
+    return choice
+
+
+def _text(text):
+    return text
+
+
+_text.__name__ = "text"
+
+# Every flag of the server: (name, kind, default, meaning). Each has an environment
+# variable, EVENTSERVER_ and the name in capitals with "-" as "_"; a kind of
+# _switch is a flag without a value. None: not set unless given.
+FLAGS = [
+    ("host", _text, "127.0.0.1", "bind address (0.0.0.0 to serve a network)"),
+    ("port", _port, "8000", "port; 0 picks a free one"),
+    ("db", _text, "eventserver.db", "SQLite file, created on first start; :memory: is a temporary "
+                                    "file removed at exit"),
+    ("user", _text, None, "Basic-auth user (also AUTH_USER)"),
+    ("password", _text, None, "Basic-auth password (also AUTH_PASS)"),
+    ("sync", _choice("full", "normal"), "full", "full: a 200 survives power loss; normal: it survives "
+                                                "a crash of the process"),
+    ("max-body", _positive_int, "1048576", "largest request body in bytes"),
+    ("max-limit", _positive_int, "1000", "largest limit a read returns"),
+    ("max-wait", _seconds, "30", "longest wait= of a long-poll read, in seconds"),
+    ("timeout", _seconds, "30", "seconds a connection may sit idle or half-sent"),
+    ("quiet", _switch, "no", "no access log on stderr"),
+    ("certfile", _text, None, "serve HTTPS with this PEM certificate chain"),
+    ("keyfile", _text, None, "the private key of --certfile"),
+    ("fixtures", _text, None, "NDJSON file of {stream, producerId, envelope} lines to publish at start"),
+]
+ALSO_FROM = {"user": "AUTH_USER", "password": "AUTH_PASS"}  # the Go server's variable names
+
+
+def environment_variable(name):
+    return "EVENTSERVER_" + name.upper().replace("-", "_")
 
 
 class Config:
-    """Everything the server is started with, from flags and environment."""
+    """Everything the server is started with: each flag's value from the
+    command line, else its environment variable, else its default; an
+    attribute per flag (max-body is config.max_body)."""
 
     def __init__(self, args, environ):
-        def setting(flag, variable, default):
-            value = flag if flag is not None else environ.get(variable, default)
-            if not value:
-                raise ConfigError(f"{variable} or its flag is empty")
-            return value
-
-        self.host = setting(args.host, "EVENTSERVER_HOST", "127.0.0.1")
-        self.port = _parse(int, setting(args.port, "EVENTSERVER_PORT", "8000"), "port")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port {self.port} is not between 0 and 65535")
-        self.db = setting(args.db, "EVENTSERVER_DB", "eventserver.db")
-        self.sync = setting(args.sync, "EVENTSERVER_SYNC", "full").lower()
-        if self.sync not in ("full", "normal"):
-            raise ConfigError(f"sync must be full or normal, not {self.sync!r}")
-        user = args.user if args.user is not None else environ.get("AUTH_USER", "")
-        password = args.password if args.password is not None else environ.get("AUTH_PASS", "")
-        if bool(user) != bool(password):
+        for name, kind, default, _ in FLAGS:
+            variable = environment_variable(name)
+            given, source = getattr(args, name.replace("-", "_")), f"--{name}"
+            if given is None:
+                for variable in (variable, ALSO_FROM.get(name)):
+                    if variable is not None and variable in environ:
+                        given, source = environ[variable], variable
+                        break
+            if given == "":
+                raise ConfigError(f"{source} is empty")
+            value = None if given is None and default is None else \
+                given if given is True else _parse(kind, default if given is None else given, source)
+            setattr(self, name.replace("-", "_"), value)
+        if (self.user is None) != (self.password is None):
             raise ConfigError("a user needs a password and a password needs a user "
                               "(--user/--password or AUTH_USER/AUTH_PASS)")
-        self.password_generated = not user
-        self.user = user or "admin"
-        self.password = password or secrets.token_urlsafe(18)
-        self.max_body = args.max_body
-        self.max_limit = args.max_limit
-        self.max_wait = args.max_wait
-        self.timeout = args.timeout
-        self.quiet = args.quiet
-        self.certfile = args.certfile
-        self.keyfile = args.keyfile
+        self.password_generated = self.user is None
+        if self.password_generated:
+            self.user, self.password = "admin", secrets.token_urlsafe(18)
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("--certfile and --keyfile go together")
-        self.fixtures = args.fixtures
 
 
-def _parse(kind, text, what):
+def _parse(kind, text, source):
     try:
         return kind(text)
     except ValueError:
-        raise ConfigError(f"{what} must be an integer, not {text!r}") from None
+        raise ConfigError(f"{source} must be {kind.__name__}, not {text!r}") from None
 
 
 def server_arguments(parser):
     """Add the server's flags to parser."""
-    parser.add_argument("--host", help="bind address (env EVENTSERVER_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", help="port, 0 picks a free one (env EVENTSERVER_PORT, default 8000)")
-    parser.add_argument("--db", help="SQLite file (env EVENTSERVER_DB, default eventserver.db); "
-                                     ":memory: is a temporary file removed at exit")
-    parser.add_argument("--user", help="Basic-auth user (env AUTH_USER)")
-    parser.add_argument("--password", help="Basic-auth password (env AUTH_PASS)")
-    parser.add_argument("--sync", help="full: a 200 survives power loss; normal: it survives "
-                                       "a crash of the process (env EVENTSERVER_SYNC, default full)")
-    parser.add_argument("--max-body", type=_positive_int, default=1048576,
-                        help="largest request body in bytes (default 1048576)")
-    parser.add_argument("--max-limit", type=_positive_int, default=1000,
-                        help="largest limit a read returns (default 1000)")
-    parser.add_argument("--max-wait", type=_seconds, default=30.0,
-                        help="longest wait= of a long-poll read in seconds (default 30)")
-    parser.add_argument("--timeout", type=_seconds, default=30.0,
-                        help="seconds a connection may sit idle or half-sent (default 30)")
-    parser.add_argument("--quiet", action="store_true", help="no access log on stderr")
-    parser.add_argument("--certfile", help="serve HTTPS with this PEM certificate chain")
-    parser.add_argument("--keyfile", help="the private key of --certfile")
-    parser.add_argument("--fixtures", help="NDJSON file of {stream, producerId, envelope} "
-                                           "lines to publish at start")
+    for name, kind, default, meaning in FLAGS:
+        variable = environment_variable(name)
+        shown = f"env {variable}" + (f", default {default}" if default is not None and kind is not _switch else "")
+        if kind is _switch:
+            parser.add_argument(f"--{name}", action="store_const", const=True, help=f"{meaning} ({shown})")
+        else:
+            parser.add_argument(f"--{name}", help=f"{meaning} ({shown})")
 
 
 def parse_config(argv, environ):
