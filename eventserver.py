@@ -1415,93 +1415,62 @@ def _file_identity(path):
 
 
 # HTTP ########################################################################
+#
+# The routing table first, then its handlers in its order (each parses the
+# request, calls one Store method and returns a Reply), then the framing:
+# Request and Reply, the Router, the App that all requests share, and the
+# Handler that reads requests off a connection and writes their answers.
 
 JSON_TYPE = "application/json; charset=utf-8"
-
-
-class Request:
-    """What a handler needs of a request: path parameters, query, headers, body."""
-
-    __slots__ = ("app", "params", "query", "headers", "body", "client_id")
-
-    def __init__(self, app, params, query, headers, body):
-        self.app, self.params, self.query, self.headers, self.body = app, params, query, headers, body
-        self.client_id = ""
-
-    def header(self, name):
-        """A header's value read as UTF-8 ('' when absent)."""
-        value = self.headers.get(name)
-        if value is None:
-            return ""
-        try:
-            return value.encode("latin-1").decode("utf-8").strip(" \t")
-        except UnicodeError:
-            raise bad_request(f"header {name} is not valid UTF-8") from None
-
-    def arg(self, name):
-        """The first value of a query parameter, or None."""
-        values = self.query.get(name)
-        return values[0] if values else None
-
-    def client(self, header):
-        """The producer or consumer ID in header (X-Producer-ID, X-Consumer-ID),
-        remembered for the access log."""
-        self.client_id = check_token(header, self.header(header))
-        return self.client_id
-
-    def idempotency_key(self):
-        """The publish's idempotency key, under any of its accepted names, or None."""
-        for name in IDEMPOTENCY_HEADERS:
-            if name in self.headers:
-                return check_token(name, self.header(name))
-        return None
-
-    def stream(self):
-        return check_name("stream name", self.params["stream"])
-
-
 IDEMPOTENCY_HEADERS = ("Idempotency-Key", "ES-EventId", "Nats-Msg-Id")
 
+SEARCH_LIMIT = 100
+PERIODS = {"6hour": 6, "24hour": 24, "2day": 48, "7day": 7 * 24, "14day": 14 * 24, "1month": 30 * 24}
+PERIOD_LIMIT = 1000
 
-class Reply:
-    """A response: status, body bytes, content type."""
+MAX_HEADERS = 100
+MAX_LINE = 65536
+_SINGLE_HEADERS = {"content-length", "transfer-encoding", "authorization", "content-type", "host"}
 
-    __slots__ = ("status", "body", "content_type", "headers")
+LINGER_SECONDS, LINGER_BYTES = 2.0, 64 * 1048576  # see Handler._linger
 
-    def __init__(self, status, body, content_type=JSON_TYPE, headers=()):
-        self.status, self.content_type, self.headers = status, content_type, headers
-        self.body = body.encode("utf-8") if isinstance(body, str) else body
+# A client that went away, stalled past the timeout or spoke no TLS: nobody to answer,
+# and not the server's error. (socket.timeout is TimeoutError only from Python 3.10.)
+CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout, BlockingIOError, ssl.SSLError)
 
-
-def parse_query(text):
-    """{name: [values]} of a query string, as HTML forms encode it; a
-    name given twice keeps every value, the first counts."""
-    query = {}
-    if text:
-        try:
-            for pair in text.split("&"):
-                name, _, value = pair.partition("=")
-                if "%" in pair or "+" in pair:
-                    name = urllib.parse.unquote_plus(name, errors="strict")
-                    value = urllib.parse.unquote_plus(value, errors="strict")
-                query.setdefault(name, []).append(value)
-        except UnicodeError:
-            raise bad_request("query is not valid UTF-8 after percent-decoding") from None
-    return query
+POLL_SECONDS = 0.05  # how often the accept loop looks whether to stop: a stop takes at most this
 
 
-_REPLY_JSON = json.JSONEncoder(ensure_ascii=False)
+# -- the routing table: method, path pattern, handler --------------------------
+
+ROUTES = [
+    ("GET",  "/api/v1/health",                               "health"),
+    ("POST", "/api/v1/streams/{stream}/events",              "publish"),
+    ("GET",  "/api/v1/streams/{stream}/events",              "read_events"),
+    ("POST", "/api/v1/streams/{stream}/events/{event_id}",   "ack"),
+    ("GET",  "/api/v1/streams",                              "list_streams"),
+    ("GET",  "/api/v1/metrics",                              "metrics"),
+    ("GET",  "/api/v1/consumers/{stream}",                   "consumers"),
+    ("GET",  "/api/v1/stats/events-per-stream",              "events_per_stream"),
+    ("GET",  "/api/v1/stats/stream-data",                    "stream_data"),
+    ("GET",  "/api/v1/stats/events-current-month",           "events_current_month"),
+    ("GET",  "/api/v1/search",                               "search"),
+    ("POST", "/api/v1/search",                               "search"),
+    ("GET",  "/api/v1/event-period-search/{stream}",         "event_period_search"),
+    ("POST", "/api/v1/event-period-search/{stream}",         "event_period_search"),
+    ("POST", "/api/v1/{stream}/{consumer_id}/{event_name}/change/{offset}", "change_offset"),
+    ("GET",  "/api/v1/events/{event_id}/payload",            "event_payload"),
+    ("GET",  "/",                                            "dashboard"),
+    ("GET",  "/admin",                                       "dashboard"),
+    ("GET",  "/admin/streams",                               "dashboard"),
+    ("GET",  "/admin/streams/{stream}/events",               "dashboard"),
+    ("GET",  "/admin/streams/{stream}/consumers",            "dashboard"),
+]
+
+PUBLIC = {"health"}  # answered without credentials
 
 
-def json_reply(value, status=200):
-    return Reply(status, _REPLY_JSON.encode(value))
-
-
-def error_reply(error):
-    return Reply(error.status, _REPLY_JSON.encode(error.text), headers=error.headers)
-
-
-# -- handlers: parse, call one Store method, answer ----------------------------
+# -- handlers, in the order of the table ----------------------------------------
 
 def health(request):
     problem = request.app.store.health_problem()
@@ -1534,8 +1503,6 @@ def read_events(request):
                                           request.app.stopping.is_set))
 
 
-
-
 def ack(request):
     consumer_id = request.client("X-Consumer-ID")
     stream = request.stream()
@@ -1558,7 +1525,11 @@ def ack(request):
     return json_reply("OK")
 
 
-# -- the Go server's other endpoints (SPEC 4) ----------------------------------
+def list_streams(request):
+    return json_reply([{"streamName": s.name, "producerId": s.producer_id, "createdAt": s.created_at,
+                        "eventsCount": s.events, "consumers": s.consumers, "lag": s.lag}
+                       for s in request.app.store.stream_totals()])
+
 
 def metrics(request):
     store = request.app.store
@@ -1621,12 +1592,6 @@ def stream_data(request):
                        for s in streams])
 
 
-def list_streams(request):
-    return json_reply([{"streamName": s.name, "producerId": s.producer_id, "createdAt": s.created_at,
-                        "eventsCount": s.events, "consumers": s.consumers, "lag": s.lag}
-                       for s in request.app.store.stream_totals()])
-
-
 def events_current_month(request):
     today = datetime.datetime.now(datetime.timezone.utc).date()
     first = today.replace(day=1)
@@ -1640,9 +1605,6 @@ def events_current_month(request):
         days.append({"date": day, "eventCount": count, "progress": f"{change:+d}" if change else ""})
         previous = count
     return json_reply(days)
-
-
-SEARCH_LIMIT = 100
 
 
 def search(request):
@@ -1669,10 +1631,6 @@ def _url_part(text):
     return urllib.parse.quote(text, safe="")
 
 
-PERIODS = {"6hour": 6, "24hour": 24, "2day": 48, "7day": 7 * 24, "14day": 14 * 24, "1month": 30 * 24}
-PERIOD_LIMIT = 1000
-
-
 def event_period_search(request):
     hours = PERIODS.get(request.arg("period"))
     if hours is None:
@@ -1694,52 +1652,105 @@ def change_offset(request):
     return json_reply(f"successfully updated offset to {offset} for consumer {consumer_id}")
 
 
-def dashboard(request):
-    return Reply(200, DASHBOARD_HTML, "text/html; charset=utf-8", DASHBOARD_HEADERS)
-
-
 def event_payload(request):
     return Reply(200, request.app.store.envelope(check_event_id(request.params["event_id"])))
 
 
-# -- routing ------------------------------------------------------------------
+def dashboard(request):
+    return Reply(200, DASHBOARD_HTML, "text/html; charset=utf-8", DASHBOARD_HEADERS)
 
-ROUTES = [
-    ("GET",  "/api/v1/health",                               health),
-    ("POST", "/api/v1/streams/{stream}/events",              publish),
-    ("GET",  "/api/v1/streams/{stream}/events",              read_events),
-    ("POST", "/api/v1/streams/{stream}/events/{event_id}",   ack),
-    ("GET",  "/api/v1/streams",                              list_streams),
-    ("GET",  "/api/v1/metrics",                              metrics),
-    ("GET",  "/api/v1/consumers/{stream}",                   consumers),
-    ("GET",  "/api/v1/stats/events-per-stream",              events_per_stream),
-    ("GET",  "/api/v1/stats/stream-data",                    stream_data),
-    ("GET",  "/api/v1/stats/events-current-month",           events_current_month),
-    ("GET",  "/api/v1/search",                               search),
-    ("POST", "/api/v1/search",                               search),
-    ("GET",  "/api/v1/event-period-search/{stream}",         event_period_search),
-    ("POST", "/api/v1/event-period-search/{stream}",         event_period_search),
-    ("POST", "/api/v1/{stream}/{consumer_id}/{event_name}/change/{offset}", change_offset),
-    ("GET",  "/api/v1/events/{event_id}/payload",            event_payload),
-    ("GET",  "/",                                            dashboard),
-    ("GET",  "/admin",                                       dashboard),
-    ("GET",  "/admin/streams",                               dashboard),
-    ("GET",  "/admin/streams/{stream}/events",               dashboard),
-    ("GET",  "/admin/streams/{stream}/consumers",            dashboard),
-]
 
-PUBLIC = {health}  # answered without credentials
+# -- framing -------------------------------------------------------------------
+
+class Request:
+    """What a handler needs of a request: path parameters, query, headers, body."""
+
+    __slots__ = ("app", "params", "query", "headers", "body", "client_id")
+
+    def __init__(self, app, params, query, headers, body):
+        self.app, self.params, self.query, self.headers, self.body = app, params, query, headers, body
+        self.client_id = ""
+
+    def header(self, name):
+        """A header's value read as UTF-8 ('' when absent)."""
+        value = self.headers.get(name)
+        if value is None:
+            return ""
+        try:
+            return value.encode("latin-1").decode("utf-8").strip(" \t")
+        except UnicodeError:
+            raise bad_request(f"header {name} is not valid UTF-8") from None
+
+    def arg(self, name):
+        """The first value of a query parameter, or None."""
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def client(self, header):
+        """The producer or consumer ID in header (X-Producer-ID, X-Consumer-ID),
+        remembered for the access log."""
+        self.client_id = check_token(header, self.header(header))
+        return self.client_id
+
+    def idempotency_key(self):
+        """The publish's idempotency key, under any of its accepted names, or None."""
+        for name in IDEMPOTENCY_HEADERS:
+            if name in self.headers:
+                return check_token(name, self.header(name))
+        return None
+
+    def stream(self):
+        return check_name("stream name", self.params["stream"])
+
+
+class Reply:
+    """A response: status, body bytes, content type."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status, body, content_type=JSON_TYPE, headers=()):
+        self.status, self.content_type, self.headers = status, content_type, headers
+        self.body = body.encode("utf-8") if isinstance(body, str) else body
+
+
+def parse_query(text):
+    """{name: [values]} of a query string, as HTML forms encode it; a
+    name given twice keeps every value, the first counts."""
+    query = {}
+    if text:
+        try:
+            for pair in text.split("&"):
+                name, _, value = pair.partition("=")
+                if "%" in pair or "+" in pair:
+                    name = urllib.parse.unquote_plus(name, errors="strict")
+                    value = urllib.parse.unquote_plus(value, errors="strict")
+                query.setdefault(name, []).append(value)
+        except UnicodeError:
+            raise bad_request("query is not valid UTF-8 after percent-decoding") from None
+    return query
+
+
+_REPLY_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
+def json_reply(value, status=200):
+    return Reply(status, _REPLY_JSON.encode(value))
+
+
+def error_reply(error):
+    return Reply(error.status, _REPLY_JSON.encode(error.text), headers=error.headers)
 
 
 class Router:
-    """Matches a path against ROUTES: literal segments, and {name} segments
+    """Matches a path against a routing table (its handlers named, as
+    functions of this module): literal segments, and {name} segments
     captured percent-decoded (UTF-8)."""
 
     def __init__(self, routes):
         self._routes = {}  # segment count -> [(method, segments, handler)]
-        for method, pattern, handler in routes:
+        for method, pattern, name in routes:
             segments = pattern.strip("/").split("/")
-            self._routes.setdefault(len(segments), []).append((method, segments, handler))
+            self._routes.setdefault(len(segments), []).append((method, segments, globals()[name]))
 
     def match(self, method, path):
         """(handler, params) for method and path; 404 or 405 otherwise."""
@@ -1818,11 +1829,6 @@ class App:
         deadline = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
-
-
-MAX_HEADERS = 100
-MAX_LINE = 65536
-_SINGLE_HEADERS = {"content-length", "transfer-encoding", "authorization", "content-type", "host"}
 
 
 class Headers(dict):
@@ -1942,7 +1948,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             path, _, query_text = self.path.partition("?")
             handler, params = app.router.match(self.command, path)
-            if handler not in PUBLIC and not app.authorized(self.headers.get("Authorization")):
+            if handler.__name__ not in PUBLIC and not app.authorized(self.headers.get("Authorization")):
                 raise HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
             body = self._read_body(app.config.max_body)
             request = Request(app, Router.decode(params), parse_query(query_text), self.headers, body)
@@ -2049,8 +2055,8 @@ def log_access(handler, reply, milliseconds):
 def _kernel_timeout(sock, seconds):
     """Let the kernel time out blocking reads and writes (SO_RCVTIMEO,
     SO_SNDTIMEO). A Python socket timeout polls before every recv and send:
-    a system call and a GIL hand-over each, a fifth of publishing throughput
-    here. A read that times out then looks like the end of the request."""
+    a system call and a GIL hand-over each, on every request. A read that
+    times out then looks like the end of the request."""
     whole = int(seconds)
     timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
     try:
@@ -2058,16 +2064,6 @@ def _kernel_timeout(sock, seconds):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     except (OSError, struct.error):
         sock.settimeout(seconds)
-
-
-LINGER_SECONDS, LINGER_BYTES = 2.0, 64 * 1048576  # see Handler._linger
-
-# A client that went away, stalled past the timeout or spoke no TLS: nobody to answer,
-# and not the server's error. (socket.timeout is TimeoutError only from Python 3.10.)
-CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout, BlockingIOError, ssl.SSLError)
-
-
-POLL_SECONDS = 0.05  # how often the accept loop looks whether to stop: a stop takes at most this
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -2101,239 +2097,6 @@ def make_server(config, store):
         # The handshake happens in the connection's thread (Handler.setup), not in the accept loop.
         server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     return server
-
-
-# Dashboard ###################################################################
-
-# One page, no external requests: it reads the JSON API with the browser's own
-# Basic-auth credentials and puts every name into the page as text, never HTML.
-DASHBOARD_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>eventserver</title>
-<style>
-  :root { --ink: #1d2433; --muted: #5d6880; --line: #dde2ec; --bg: #f6f7fb; --accent: #2f6fde; --bad: #b3261e; }
-  * { box-sizing: border-box; }
-  body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); background: var(--bg); }
-  header { display: flex; gap: 16px; align-items: center; padding: 10px 20px; background: #fff; border-bottom: 1px solid var(--line); flex-wrap: wrap; }
-  header h1 { font-size: 17px; margin: 0; }
-  header h1 a { color: inherit; text-decoration: none; }
-  #search { display: flex; gap: 6px; flex: 1; max-width: 460px; }
-  #search input { flex: 1; padding: 6px 9px; border: 1px solid var(--line); border-radius: 6px; font: inherit; }
-  button { padding: 6px 12px; border: 1px solid var(--accent); background: var(--accent); color: #fff; border-radius: 6px; font: inherit; cursor: pointer; }
-  #status { margin-left: auto; color: var(--muted); font-size: 13px; }
-  #status.down { color: #fff; background: var(--bad); padding: 3px 10px; border-radius: 6px; }
-  main { padding: 16px 20px; display: grid; gap: 16px; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); }
-  section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px; min-width: 0; }
-  section.wide { grid-column: 1 / -1; }
-  h2 { font-size: 15px; margin: 0 0 8px; }
-  table { width: 100%; border-collapse: collapse; }
-  th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); overflow-wrap: anywhere; }
-  th { color: var(--muted); font-weight: 600; font-size: 12px; text-transform: uppercase; letter-spacing: .03em; }
-  td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-  a { color: var(--accent); }
-  .muted { color: var(--muted); }
-  .event-row { cursor: pointer; }
-  .event-row:hover { background: #eef3fd; }
-  .event-row.open { background: #e3ecfc; }
-  pre { background: #0f1626; color: #e6edf7; padding: 10px; border-radius: 6px; overflow: auto; max-height: 360px; margin: 6px 0; }
-  svg text { font-size: 11px; fill: var(--muted); }
-  svg .bar { fill: var(--accent); }
-  svg .axis { stroke: #9aa4b8; stroke-width: 1; }
-  .crumbs { grid-column: 1 / -1; margin: 0; }
-</style>
-</head>
-<body>
-<header>
-  <h1><a href="#/">eventserver</a></h1>
-  <form id="search"><input id="q" type="search" placeholder="Search streams, events, consumers, IDs" aria-label="Search"><button>Search</button></form>
-  <span id="status">connecting…</span>
-</header>
-<main id="view"></main>
-<script>
-"use strict";
-const API = "/api/v1";
-const REFRESH_MS = 4000;
-const view = document.getElementById("view");
-const statusLine = document.getElementById("status");
-let openEventId = null;
-let timer = null;
-
-// Every name is put in the page as text (textContent), never as HTML.
-function el(tag, attrs, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs || {})) {
-    if (key === "onclick") node.addEventListener("click", value);
-    else node.setAttribute(key, value);
-  }
-  for (const child of children) node.append(child instanceof Node ? child : String(child));
-  return node;
-}
-function svg(tag, attrs, text) {
-  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
-  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
-  if (text !== undefined) node.textContent = String(text);
-  return node;
-}
-function section(id, title, wide) {
-  let node = document.getElementById(id);
-  if (!node) {
-    node = el("section", { id: id, class: wide ? "wide" : "" }, el("h2", {}, title), el("div", { class: "body" }));
-    view.append(node);
-  }
-  return node.querySelector(".body");
-}
-const part = encodeURIComponent;
-function streamLink(name) { return el("a", { href: "#/admin/streams/" + part(name) + "/events" }, name); }
-
-async function api(path) {
-  // location.origin, not a relative URL: a page opened as http://user:pass@host/ must not
-  // put the credentials in its requests (fetch refuses that); the browser's auth cache does.
-  const response = await fetch(location.origin + API + path, { headers: { "Accept": "application/json" }, cache: "no-store" });
-  if (!response.ok) throw new Error(response.status + " " + (await response.text()));
-  return response.json();
-}
-
-function table(headers, rows, rowAttrs) {
-  const head = el("tr", {}, ...headers.map(h => el("th", { class: h.num ? "num" : "" }, h.label)));
-  const body = rows.map((cells, index) => el("tr", rowAttrs ? rowAttrs(index) : {},
-    ...cells.map((cell, i) => el("td", { class: headers[i].num ? "num" : "" }, cell))));
-  if (!rows.length) body.push(el("tr", {}, el("td", { colspan: headers.length, class: "muted" }, "nothing yet")));
-  return el("table", {}, el("thead", {}, head), el("tbody", {}, ...body));
-}
-
-// A bar chart in inline SVG: labels along the x axis, counts on the y axis.
-function barChart(points, xTitle, yTitle, labelEvery) {
-  const width = 640, height = 240, left = 52, right = 12, top = 12, bottom = 58;
-  const max = Math.max(1, ...points.map(p => p.value));
-  const plotW = width - left - right, plotH = height - top - bottom;
-  const step = plotW / Math.max(1, points.length);
-  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", "aria-label": yTitle + " per " + xTitle });
-  chart.append(svg("line", { class: "axis", x1: left, y1: top, x2: left, y2: top + plotH }));
-  chart.append(svg("line", { class: "axis", x1: left, y1: top + plotH, x2: left + plotW, y2: top + plotH }));
-  for (const fraction of [0, 0.5, 1]) {
-    const y = top + plotH - fraction * plotH;
-    chart.append(svg("text", { x: left - 6, y: y + 4, "text-anchor": "end", class: "tick" }, Math.round(max * fraction)));
-  }
-  points.forEach((p, i) => {
-    const barH = p.value / max * plotH;
-    const bar = svg("rect", { class: "bar", x: left + i * step + step * 0.15, y: top + plotH - barH, width: step * 0.7, height: barH });
-    bar.append(svg("title", {}, p.label + ": " + p.value));
-    chart.append(bar);
-    if (i % labelEvery === 0) {
-      const x = left + i * step + step / 2, y = top + plotH + 14;
-      const text = p.short !== undefined ? p.short : p.label;
-      chart.append(svg("text", { x: x, y: y, "text-anchor": "middle", class: "xlabel" }, text.length > 14 ? text.slice(0, 13) + "…" : text));
-    }
-  });
-  chart.append(svg("text", { x: left + plotW / 2, y: height - 8, "text-anchor": "middle", class: "axis-title" }, xTitle));
-  chart.append(svg("text", { x: 12, y: top + plotH / 2, transform: `rotate(-90 12 ${top + plotH / 2})`, "text-anchor": "middle", class: "axis-title" }, yTitle));
-  return chart;
-}
-
-async function overview(producerId) {
-  const [streams, perStream, perDay] = await Promise.all([
-    api("/streams"), api("/stats/events-per-stream"), api("/stats/events-current-month")]);
-  const shown = producerId ? streams.filter(s => s.producerId === producerId) : streams;
-  const title = producerId ? "Streams of producer " + producerId : "Streams";
-  const body = section("streams", title, true);
-  body.closest("section").querySelector("h2").textContent = title;
-  body.replaceChildren(table(
-    [{ label: "stream" }, { label: "owner" }, { label: "events", num: 1 }, { label: "consumers", num: 1 }, { label: "total lag", num: 1 }],
-    shown.map(s => [streamLink(s.streamName), s.producerId, s.eventsCount, s.consumers, s.lag])));
-  section("per-stream", "Events per stream (top 10)").replaceChildren(
-    perStream.length ? barChart(perStream, "stream", "events", 1) : el("p", { class: "muted" }, "no events yet"));
-  section("per-day", "Events per day, this month (UTC)").replaceChildren(
-    barChart(perDay.map(d => ({ label: d.date, short: String(Number(d.date.slice(8))), value: d.eventCount })), "day of month", "events", 2));
-}
-
-async function streamView(stream, params) {
-  const [consumers, events] = await Promise.all([
-    api("/consumers/" + part(stream)), api("/event-period-search/" + part(stream) + "?period=1month")]);
-  const crumbs = document.getElementById("crumbs") || view.appendChild(el("p", { id: "crumbs", class: "crumbs" }));
-  crumbs.replaceChildren(el("a", { href: "#/" }, "all streams"), " › ", el("strong", {}, stream));
-  const consumerId = params.get("consumerId");
-  const eventName = params.get("eventName");
-  const shownConsumers = consumerId ? consumers.filter(c => c.consumerId === consumerId) : consumers;
-  section("consumers", "Consumers", true).replaceChildren(table(
-    [{ label: "consumer" }, { label: "event name" }, { label: "offset", num: 1 }, { label: "behind", num: 1 }, { label: "consumed", num: 1 }, { label: "moved at" }],
-    shownConsumers.map(c => [c.consumerId, c.eventName, c.offset, c.behind, c.consumedPercentage.toFixed(2) + " %", c.movedAt])));
-  if (params.get("eventId") && openEventId === null) openEventId = params.get("eventId");
-  const newest = events.filter(e => !eventName || e.eventName === eventName).slice(0, 50);
-  const body = section("events", "Newest events (last 30 days)" + (eventName ? " named " + eventName : ""), true);
-  body.closest("section").querySelector("h2").textContent = "Newest events (last 30 days)" + (eventName ? " named " + eventName : "");
-  const rows = table([{ label: "event ID" }, { label: "name" }, { label: "created at" }, { label: "consumed by" }],
-    newest.map(e => [e.eventId, e.eventName, e.createdAt, e.consumerIds.join(", ") || "—"]),
-    index => ({ class: "event-row" + (newest[index].eventId === openEventId ? " open" : ""), "data-event-id": newest[index].eventId }));
-  const envelope = el("div", { id: "envelope" });
-  body.replaceChildren(rows, envelope);
-  rows.querySelectorAll(".event-row").forEach(row => row.addEventListener("click", () => {
-    openEventId = openEventId === row.dataset.eventId ? null : row.dataset.eventId;
-    refresh();
-  }));
-  if (openEventId) {
-    const stored = await api("/events/" + part(openEventId) + "/payload").catch(() => null);
-    envelope.replaceChildren(el("h2", {}, "Envelope of " + openEventId),
-      el("pre", {}, stored ? JSON.stringify(stored, null, 2) : "not found"));
-  }
-}
-
-async function searchView(term) {
-  const results = await api("/search?_q=" + part(term));
-  const body = section("results", "Search results for “" + term + "”", true);
-  body.closest("section").querySelector("h2").textContent = "Search results for “" + term + "”";
-  body.replaceChildren(table([{ label: "category" }, { label: "result" }],
-    results.map(r => [r.search_result.category, el("a", { href: "#" + r.search_result.url }, r.search_result.label)])));
-}
-
-// Routes: #/ (overview), #/search?q=..., and the /admin/... URLs that search answers.
-function route() {
-  const hash = location.hash.length > 1 ? location.hash.slice(1)
-    : location.pathname.startsWith("/admin") ? location.pathname + location.search : "/";
-  const [path, query] = hash.split("?");
-  const params = new URLSearchParams(query || "");
-  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
-  return { parts, params, key: hash };
-}
-let shownKey = null;
-async function refresh() {
-  clearTimeout(timer);
-  const { parts, params, key } = route();
-  if (key !== shownKey) { view.replaceChildren(); shownKey = key; }
-  try {
-    if (parts[0] === "search") await searchView(params.get("q") || "");
-    else if (parts[0] === "admin" && parts[1] === "streams" && parts.length >= 3) await streamView(parts[2], params);
-    else await overview(parts[0] === "admin" ? params.get("producerId") : null);
-    statusLine.className = "";
-    statusLine.textContent = "live · updated " + new Date().toLocaleTimeString();
-  } catch (error) {
-    statusLine.className = "down";
-    statusLine.textContent = error instanceof TypeError
-      ? "Cannot reach the server — retrying every " + REFRESH_MS / 1000 + " s"
-      : "The server answered " + error.message;
-  }
-  timer = setTimeout(refresh, REFRESH_MS);
-}
-document.getElementById("search").addEventListener("submit", event => {
-  event.preventDefault();
-  const term = document.getElementById("q").value.trim();
-  if (term) location.hash = "#/search?q=" + part(term);
-});
-window.addEventListener("hashchange", () => { openEventId = null; refresh(); });
-refresh();
-</script>
-</body>
-</html>
-"""
-
-DASHBOARD_HEADERS = (
-    ("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
-                                " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'"),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Cache-Control", "no-store"),
-)
 
 
 # Tools: moving whole databases ###############################################
@@ -2587,6 +2350,239 @@ def main(argv=None):
     except ConfigError as error:
         print(f"eventserver: {error}", file=sys.stderr)
         return 2
+
+
+# Dashboard ###################################################################
+
+# One page, no external requests: it reads the JSON API with the browser's own
+# Basic-auth credentials and puts every name into the page as text, never HTML.
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>eventserver</title>
+<style>
+  :root { --ink: #1d2433; --muted: #5d6880; --line: #dde2ec; --bg: #f6f7fb; --accent: #2f6fde; --bad: #b3261e; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink); background: var(--bg); }
+  header { display: flex; gap: 16px; align-items: center; padding: 10px 20px; background: #fff; border-bottom: 1px solid var(--line); flex-wrap: wrap; }
+  header h1 { font-size: 17px; margin: 0; }
+  header h1 a { color: inherit; text-decoration: none; }
+  #search { display: flex; gap: 6px; flex: 1; max-width: 460px; }
+  #search input { flex: 1; padding: 6px 9px; border: 1px solid var(--line); border-radius: 6px; font: inherit; }
+  button { padding: 6px 12px; border: 1px solid var(--accent); background: var(--accent); color: #fff; border-radius: 6px; font: inherit; cursor: pointer; }
+  #status { margin-left: auto; color: var(--muted); font-size: 13px; }
+  #status.down { color: #fff; background: var(--bad); padding: 3px 10px; border-radius: 6px; }
+  main { padding: 16px 20px; display: grid; gap: 16px; grid-template-columns: repeat(auto-fit, minmax(420px, 1fr)); }
+  section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px; min-width: 0; }
+  section.wide { grid-column: 1 / -1; }
+  h2 { font-size: 15px; margin: 0 0 8px; }
+  table { width: 100%; border-collapse: collapse; }
+  th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); overflow-wrap: anywhere; }
+  th { color: var(--muted); font-weight: 600; font-size: 12px; text-transform: uppercase; letter-spacing: .03em; }
+  td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+  a { color: var(--accent); }
+  .muted { color: var(--muted); }
+  .event-row { cursor: pointer; }
+  .event-row:hover { background: #eef3fd; }
+  .event-row.open { background: #e3ecfc; }
+  pre { background: #0f1626; color: #e6edf7; padding: 10px; border-radius: 6px; overflow: auto; max-height: 360px; margin: 6px 0; }
+  svg text { font-size: 11px; fill: var(--muted); }
+  svg .bar { fill: var(--accent); }
+  svg .axis { stroke: #9aa4b8; stroke-width: 1; }
+  .crumbs { grid-column: 1 / -1; margin: 0; }
+</style>
+</head>
+<body>
+<header>
+  <h1><a href="#/">eventserver</a></h1>
+  <form id="search"><input id="q" type="search" placeholder="Search streams, events, consumers, IDs" aria-label="Search"><button>Search</button></form>
+  <span id="status">connecting…</span>
+</header>
+<main id="view"></main>
+<script>
+"use strict";
+const API = "/api/v1";
+const REFRESH_MS = 4000;
+const view = document.getElementById("view");
+const statusLine = document.getElementById("status");
+let openEventId = null;
+let timer = null;
+
+// Every name is put in the page as text (textContent), never as HTML.
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "onclick") node.addEventListener("click", value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child));
+  return node;
+}
+function svg(tag, attrs, text) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+  if (text !== undefined) node.textContent = String(text);
+  return node;
+}
+function section(id, title, wide) {
+  let node = document.getElementById(id);
+  if (!node) {
+    node = el("section", { id: id, class: wide ? "wide" : "" }, el("h2", {}, title), el("div", { class: "body" }));
+    view.append(node);
+  }
+  return node.querySelector(".body");
+}
+const part = encodeURIComponent;
+function streamLink(name) { return el("a", { href: "#/admin/streams/" + part(name) + "/events" }, name); }
+
+async function api(path) {
+  // location.origin, not a relative URL: a page opened as http://user:pass@host/ must not
+  // put the credentials in its requests (fetch refuses that); the browser's auth cache does.
+  const response = await fetch(location.origin + API + path, { headers: { "Accept": "application/json" }, cache: "no-store" });
+  if (!response.ok) throw new Error(response.status + " " + (await response.text()));
+  return response.json();
+}
+
+function table(headers, rows, rowAttrs) {
+  const head = el("tr", {}, ...headers.map(h => el("th", { class: h.num ? "num" : "" }, h.label)));
+  const body = rows.map((cells, index) => el("tr", rowAttrs ? rowAttrs(index) : {},
+    ...cells.map((cell, i) => el("td", { class: headers[i].num ? "num" : "" }, cell))));
+  if (!rows.length) body.push(el("tr", {}, el("td", { colspan: headers.length, class: "muted" }, "nothing yet")));
+  return el("table", {}, el("thead", {}, head), el("tbody", {}, ...body));
+}
+
+// A bar chart in inline SVG: labels along the x axis, counts on the y axis.
+function barChart(points, xTitle, yTitle, labelEvery) {
+  const width = 640, height = 240, left = 52, right = 12, top = 12, bottom = 58;
+  const max = Math.max(1, ...points.map(p => p.value));
+  const plotW = width - left - right, plotH = height - top - bottom;
+  const step = plotW / Math.max(1, points.length);
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", "aria-label": yTitle + " per " + xTitle });
+  chart.append(svg("line", { class: "axis", x1: left, y1: top, x2: left, y2: top + plotH }));
+  chart.append(svg("line", { class: "axis", x1: left, y1: top + plotH, x2: left + plotW, y2: top + plotH }));
+  for (const fraction of [0, 0.5, 1]) {
+    const y = top + plotH - fraction * plotH;
+    chart.append(svg("text", { x: left - 6, y: y + 4, "text-anchor": "end", class: "tick" }, Math.round(max * fraction)));
+  }
+  points.forEach((p, i) => {
+    const barH = p.value / max * plotH;
+    const bar = svg("rect", { class: "bar", x: left + i * step + step * 0.15, y: top + plotH - barH, width: step * 0.7, height: barH });
+    bar.append(svg("title", {}, p.label + ": " + p.value));
+    chart.append(bar);
+    if (i % labelEvery === 0) {
+      const x = left + i * step + step / 2, y = top + plotH + 14;
+      const text = p.short !== undefined ? p.short : p.label;
+      chart.append(svg("text", { x: x, y: y, "text-anchor": "middle", class: "xlabel" }, text.length > 14 ? text.slice(0, 13) + "…" : text));
+    }
+  });
+  chart.append(svg("text", { x: left + plotW / 2, y: height - 8, "text-anchor": "middle", class: "axis-title" }, xTitle));
+  chart.append(svg("text", { x: 12, y: top + plotH / 2, transform: `rotate(-90 12 ${top + plotH / 2})`, "text-anchor": "middle", class: "axis-title" }, yTitle));
+  return chart;
+}
+
+async function overview(producerId) {
+  const [streams, perStream, perDay] = await Promise.all([
+    api("/streams"), api("/stats/events-per-stream"), api("/stats/events-current-month")]);
+  const shown = producerId ? streams.filter(s => s.producerId === producerId) : streams;
+  const title = producerId ? "Streams of producer " + producerId : "Streams";
+  const body = section("streams", title, true);
+  body.closest("section").querySelector("h2").textContent = title;
+  body.replaceChildren(table(
+    [{ label: "stream" }, { label: "owner" }, { label: "events", num: 1 }, { label: "consumers", num: 1 }, { label: "total lag", num: 1 }],
+    shown.map(s => [streamLink(s.streamName), s.producerId, s.eventsCount, s.consumers, s.lag])));
+  section("per-stream", "Events per stream (top 10)").replaceChildren(
+    perStream.length ? barChart(perStream, "stream", "events", 1) : el("p", { class: "muted" }, "no events yet"));
+  section("per-day", "Events per day, this month (UTC)").replaceChildren(
+    barChart(perDay.map(d => ({ label: d.date, short: String(Number(d.date.slice(8))), value: d.eventCount })), "day of month", "events", 2));
+}
+
+async function streamView(stream, params) {
+  const [consumers, events] = await Promise.all([
+    api("/consumers/" + part(stream)), api("/event-period-search/" + part(stream) + "?period=1month")]);
+  const crumbs = document.getElementById("crumbs") || view.appendChild(el("p", { id: "crumbs", class: "crumbs" }));
+  crumbs.replaceChildren(el("a", { href: "#/" }, "all streams"), " › ", el("strong", {}, stream));
+  const consumerId = params.get("consumerId");
+  const eventName = params.get("eventName");
+  const shownConsumers = consumerId ? consumers.filter(c => c.consumerId === consumerId) : consumers;
+  section("consumers", "Consumers", true).replaceChildren(table(
+    [{ label: "consumer" }, { label: "event name" }, { label: "offset", num: 1 }, { label: "behind", num: 1 }, { label: "consumed", num: 1 }, { label: "moved at" }],
+    shownConsumers.map(c => [c.consumerId, c.eventName, c.offset, c.behind, c.consumedPercentage.toFixed(2) + " %", c.movedAt])));
+  if (params.get("eventId") && openEventId === null) openEventId = params.get("eventId");
+  const newest = events.filter(e => !eventName || e.eventName === eventName).slice(0, 50);
+  const body = section("events", "Newest events (last 30 days)" + (eventName ? " named " + eventName : ""), true);
+  body.closest("section").querySelector("h2").textContent = "Newest events (last 30 days)" + (eventName ? " named " + eventName : "");
+  const rows = table([{ label: "event ID" }, { label: "name" }, { label: "created at" }, { label: "consumed by" }],
+    newest.map(e => [e.eventId, e.eventName, e.createdAt, e.consumerIds.join(", ") || "—"]),
+    index => ({ class: "event-row" + (newest[index].eventId === openEventId ? " open" : ""), "data-event-id": newest[index].eventId }));
+  const envelope = el("div", { id: "envelope" });
+  body.replaceChildren(rows, envelope);
+  rows.querySelectorAll(".event-row").forEach(row => row.addEventListener("click", () => {
+    openEventId = openEventId === row.dataset.eventId ? null : row.dataset.eventId;
+    refresh();
+  }));
+  if (openEventId) {
+    const stored = await api("/events/" + part(openEventId) + "/payload").catch(() => null);
+    envelope.replaceChildren(el("h2", {}, "Envelope of " + openEventId),
+      el("pre", {}, stored ? JSON.stringify(stored, null, 2) : "not found"));
+  }
+}
+
+async function searchView(term) {
+  const results = await api("/search?_q=" + part(term));
+  const body = section("results", "Search results for “" + term + "”", true);
+  body.closest("section").querySelector("h2").textContent = "Search results for “" + term + "”";
+  body.replaceChildren(table([{ label: "category" }, { label: "result" }],
+    results.map(r => [r.search_result.category, el("a", { href: "#" + r.search_result.url }, r.search_result.label)])));
+}
+
+// Routes: #/ (overview), #/search?q=..., and the /admin/... URLs that search answers.
+function route() {
+  const hash = location.hash.length > 1 ? location.hash.slice(1)
+    : location.pathname.startsWith("/admin") ? location.pathname + location.search : "/";
+  const [path, query] = hash.split("?");
+  const params = new URLSearchParams(query || "");
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  return { parts, params, key: hash };
+}
+let shownKey = null;
+async function refresh() {
+  clearTimeout(timer);
+  const { parts, params, key } = route();
+  if (key !== shownKey) { view.replaceChildren(); shownKey = key; }
+  try {
+    if (parts[0] === "search") await searchView(params.get("q") || "");
+    else if (parts[0] === "admin" && parts[1] === "streams" && parts.length >= 3) await streamView(parts[2], params);
+    else await overview(parts[0] === "admin" ? params.get("producerId") : null);
+    statusLine.className = "";
+    statusLine.textContent = "live · updated " + new Date().toLocaleTimeString();
+  } catch (error) {
+    statusLine.className = "down";
+    statusLine.textContent = error instanceof TypeError
+      ? "Cannot reach the server — retrying every " + REFRESH_MS / 1000 + " s"
+      : "The server answered " + error.message;
+  }
+  timer = setTimeout(refresh, REFRESH_MS);
+}
+document.getElementById("search").addEventListener("submit", event => {
+  event.preventDefault();
+  const term = document.getElementById("q").value.trim();
+  if (term) location.hash = "#/search?q=" + part(term);
+});
+window.addEventListener("hashchange", () => { openEventId = null; refresh(); });
+refresh();
+</script>
+</body>
+</html>
+"""
+
+DASHBOARD_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+                                " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+)
 
 
 if __name__ == "__main__":
