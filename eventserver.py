@@ -394,6 +394,12 @@ def _finite_float(text):
     return Unstorable(text) if value in (float("inf"), float("-inf")) else value
 
 
+# Made once: json.loads and json.dumps build a new coder on each call when given options.
+# What is encoded was decoded from JSON, so it holds no cycles to look for.
+_STRICT_JSON = json.JSONDecoder(parse_constant=Unstorable, parse_float=_finite_float)
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False)
+
+
 def parse_json(body, content_type):
     """The value of a JSON request body; any flaw is a 400."""
     media_type, _, params = (content_type or "").partition(";")
@@ -418,12 +424,6 @@ def decode_json(data, what):
         return _STRICT_JSON.decode(text)
     except (ValueError, RecursionError):
         raise bad_request(f"{what} is not valid JSON") from None
-
-
-# Made once: json.loads and json.dumps build a new coder on each call when given options.
-# What is encoded was decoded from JSON, so it holds no cycles to look for.
-_STRICT_JSON = json.JSONDecoder(parse_constant=Unstorable, parse_float=_finite_float)
-_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False)
 
 
 def compact_json(value, what="body"):
