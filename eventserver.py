@@ -19,14 +19,19 @@ on the wire, so bind to loopback (the default) or serve HTTPS with
 import argparse
 import base64
 import binascii
+import calendar
+import codecs
 import collections
 import contextlib
 import datetime
+import decimal
+import gzip
 import hashlib
 import hmac
 import http.server
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -142,6 +147,8 @@ FLAGS = [
     ("certfile", _text, None, "serve HTTPS with this PEM certificate chain"),
     ("keyfile", _text, None, "the private key of --certfile"),
     ("fixtures", _text, None, "NDJSON file of {stream, producerId, envelope} lines to publish at start"),
+    ("compat", _choice("readme", "go"), "readme", "readme: answer as the Go server's README says; go: as the "
+                                                  "Go server itself answers (see Dialects)"),
 ]
 ALSO_FROM = {"user": "AUTH_USER", "password": "AUTH_PASS"}  # the Go server's variable names
 
@@ -237,6 +244,30 @@ def not_found(detail):
     return HTTPError(404, detail)
 
 
+class StreamOwned(HTTPError):
+    """A producer writing to another producer's stream."""
+
+    def __init__(self, owner):
+        super().__init__(423, "Second writers not allowed")
+        self.owner = owner
+
+
+class OffsetMismatch(HTTPError):
+    """An acknowledgement of an event that is not the consumer's next one."""
+
+    def __init__(self, expected, got):
+        super().__init__(400, f"consumer offset mismatch: expected sequence {expected}, got {got}")
+        self.expected, self.got = expected, got
+
+
+class OffsetOutOfRange(HTTPError):
+    """A seek past the count of the event name's events."""
+
+    def __init__(self, count, event_name, stream):
+        super().__init__(400, f"offset must be between 0 and {count}, the count of "
+                              f"{event_name} events in stream {stream}")
+
+
 # Logging #####################################################################
 
 LOG_QUEUE_LINES = 10_000  # lines held for stderr while it is slow; past that they are dropped
@@ -314,6 +345,7 @@ MAX_NAME = 255
 _FORBIDDEN_IN_NAME = re.compile("[\x00-\x1f\x7f-\x9f/]")  # category Cc, and the path separator
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 _DIGITS = re.compile(r"[0-9]+\Z")
+_HEX = re.compile(rb"[0-9a-fA-F]+\Z")
 INT64 = range(-2 ** 63, 2 ** 63)
 
 
@@ -1161,7 +1193,7 @@ class Store:
         if found is None:
             stream_id = self.create_stream(tx, stream, producer_id, tx.now)
         elif found[1] != producer_id:
-            raise HTTPError(423, "Second writers not allowed")
+            raise StreamOwned(found[1])
         else:
             stream_id = found[0]
         events = [(new_event_id(), envelope, tx.now) for envelope in envelopes]
@@ -1247,8 +1279,15 @@ class Store:
                     return events
                 woken.wait(remaining)
 
-    def ack(self, stream, event_id, consumer_id):
-        """Move the consumer's offset to the event, if it is the next one."""
+    def owner(self, stream):
+        """The producer that owns a stream (as last committed), or None."""
+        found = self._stream(stream)
+        return found and found[1]
+
+    def ack(self, stream, event_id, consumer_id, retry_is_done=True):
+        """Move the consumer's offset to the event, if it is the next one;
+        return the new offset. An event at or below the offset is a retried
+        ACK: done already when retry_is_done, else an OffsetMismatch."""
         stream_id = self._stream_id(stream)
         found = self.cache.event(event_id)  # usually: consumers acknowledge what they just read
         if found is None or found[0] != stream_id:
@@ -1262,25 +1301,30 @@ class Store:
 
         def work(tx):
             offset = self._offset(tx, stream_id, event_name, consumer_id)
-            if sequence <= offset:
-                return  # a retried ACK: already done
+            if sequence <= offset and retry_is_done:
+                return sequence  # a retried ACK: already done
             if sequence != offset + 1:
-                raise bad_request(f"consumer offset mismatch: expected sequence {offset + 1}, got {sequence}")
+                raise OffsetMismatch(offset + 1, sequence)
             tx.offsets[stream_id, event_name, consumer_id] = (sequence, tx.now)
+            return sequence
 
-        self.transact(work)
+        return self.transact(work)
 
     # -- the Go server's other verbs ------------------------------------------
 
-    def seek(self, stream, consumer_id, event_name, offset):
-        """Set the consumer's offset for an event name (0 to that name's count)."""
+    def seek(self, stream, consumer_id, event_name, offset, create=True):
+        """Set the consumer's offset for an event name (0 to that name's count).
+        Without create, only an offset the consumer already has is moved: one
+        it has not counts as an event name of no events, and stays unset."""
         def work(tx):
-            stream_id = self._stream_id(stream, tx)
-            count = self.count(tx, stream_id, event_name)
+            stream_id = self._stream_id(stream, tx) if create else (self._stream(stream, tx) or (None,))[0]
+            key = (stream_id, event_name, consumer_id)
+            known = create or key in tx.offsets or key in self._offsets
+            count = self.count(tx, stream_id, event_name) if known else 0
             if offset > count:
-                raise bad_request(f"offset must be between 0 and {count}, the count of "
-                                  f"{event_name} events in stream {stream}")
-            tx.offsets[stream_id, event_name, consumer_id] = (offset, tx.now)
+                raise OffsetOutOfRange(count, event_name, stream)
+            if known:
+                tx.offsets[key] = (offset, tx.now)
 
         self.transact(work)
 
@@ -1356,6 +1400,35 @@ class Store:
             consumers = conn.execute(
                 "SELECT DISTINCT s.name, o.consumer_id FROM consumer_offsets o JOIN streams s USING (stream_id)"
                 " WHERE o.consumer_id = ? ORDER BY s.name LIMIT ?", (term, limit)).fetchall()
+        return pairs, single, streams, consumers
+
+    def search_like(self, term, limit, payload_text):
+        """What the Go server's search finds for term, at most limit per
+        category. Its "contains" is LIKE '%term%': % and _ in term are
+        wildcards and a backslash escapes the next character (ASCII letters
+        match either case). (stream, event name) pairs whose name matches;
+        events whose name does not but whose ID equals term or whose payload,
+        as payload_text writes it, matches; (stream, producer, whether the
+        name matched) for streams matching by name or by producer ID equal to
+        term; (stream, consumer) for the consumer ID equal to term."""
+        pattern = "%" + term + "%"
+        with self.reading() as conn:
+            conn.create_function("payload_text", 1, payload_text)
+            like = "LIKE ?1 ESCAPE '\\'"
+            pairs = conn.execute(
+                "SELECT s.name, c.event_name FROM event_counts c JOIN streams s USING (stream_id)"
+                f" WHERE c.event_name {like} ORDER BY s.name, c.event_name LIMIT ?3", (pattern, term, limit)).fetchall()
+            single = conn.execute(
+                "SELECT s.name, e.event_name, e.event_id FROM events e JOIN streams s USING (stream_id)"
+                f" WHERE NOT e.event_name {like} AND (e.event_id = ?2"
+                f"  OR payload_text(substr(e.envelope, e.payload_start, e.payload_size)) {like})"
+                " ORDER BY e.event_pk LIMIT ?3", (pattern, term, limit)).fetchall()
+            streams = conn.execute(
+                f"SELECT name, producer_id, name {like} FROM streams WHERE name {like} OR producer_id = ?2"
+                " ORDER BY stream_id LIMIT ?3", (pattern, term, limit)).fetchall()
+            consumers = conn.execute(
+                "SELECT DISTINCT s.name, o.consumer_id FROM consumer_offsets o JOIN streams s USING (stream_id)"
+                " WHERE o.consumer_id = ?1 ORDER BY s.name LIMIT ?2", (term, limit)).fetchall()
         return pairs, single, streams, consumers
 
     def events_since(self, stream, since, limit):
@@ -1704,7 +1777,7 @@ class Request:
 
 
 class Reply:
-    """A response: status, body bytes, content type."""
+    """A response: status, body bytes, content type (None: no Content-Type)."""
 
     __slots__ = ("status", "body", "content_type", "headers")
 
@@ -1766,7 +1839,7 @@ class Router:
                 elif want != got:
                     break
             else:
-                if route_method == method:
+                if route_method in (method, "*"):
                     return handler, params
                 allowed.append(route_method)
         if allowed:
@@ -1789,7 +1862,8 @@ class App:
     def __init__(self, config, store):
         self.config = config
         self.store = store
-        self.router = Router(ROUTES)
+        self.dialect = DIALECTS[config.compat]
+        self.router = Router(self.dialect.routes)
         self.stopping = threading.Event()
         self._in_flight = set()  # handlers serving a request
         self._user = config.user.encode("utf-8")
@@ -1945,27 +2019,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _handle(self, app):
         """Route, authenticate, read the body, call the handler: its Reply,
         or the error's (never a traceback)."""
+        dialect = app.dialect
         try:
             path, _, query_text = self.path.partition("?")
-            handler, params = app.router.match(self.command, path)
-            if handler.__name__ not in PUBLIC and not app.authorized(self.headers.get("Authorization")):
-                raise HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
-            body = self._read_body(app.config.max_body)
-            request = Request(app, Router.decode(params), parse_query(query_text), self.headers, body)
+            handler, params = dialect.route(app.router, self.command, path, query_text)
+            dialect.check_headers(handler.__name__, self.headers)
+            if handler.__name__ not in dialect.public and not app.authorized(self.headers.get("Authorization")):
+                raise dialect.unauthorized(handler.__name__)
+            body = self._read_body(app.config.max_body, dialect.reads_chunked)
+            request = Request(app, dialect.decode(params), dialect.parse_query(query_text), self.headers, body)
             try:
                 return handler(request)
             finally:
                 self.client_id = request.client_id
         except HTTPError as error:
-            return error_reply(error)
+            return dialect.error_reply(error)
         except CLIENT_GONE:
             raise
         except Exception:
             log.exception("error handling %s %s", self.command, self.path)
-            return error_reply(HTTPError(500, "see the server log"))
+            return dialect.error_reply(HTTPError(500, "see the server log"))
 
-    def _read_body(self, max_body):
+    def _read_body(self, max_body, reads_chunked=False):
         if "Transfer-Encoding" in self.headers:
+            if reads_chunked and self.headers.get("Transfer-Encoding").strip().lower() == "chunked":
+                return self._read_chunked(max_body)
             raise HTTPError(411)
         length_text = self.headers.get("Content-Length")
         if length_text is None:
@@ -1983,14 +2061,43 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._body_unread = False
         return body
 
+    def _read_chunked(self, max_body):
+        """A body sent in chunks (Transfer-Encoding: chunked), at most max_body bytes."""
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(MAX_LINE + 1)
+            if not line.endswith(b"\n"):
+                raise TimeoutError("the body stopped before its last chunk")
+            size_text = line.split(b";")[0].strip()
+            if not _HEX.match(size_text):
+                raise bad_request("a chunk size is not hexadecimal")
+            size = int(size_text[:16], 16)
+            if size == 0:
+                break
+            if len(body) + size > max_body:
+                raise HTTPError(413, str(max_body))
+            chunk = self.rfile.read(size + 2)
+            if chunk is None or len(chunk) < size + 2:
+                raise TimeoutError("the body stopped short of a chunk")
+            body += chunk[:size]
+        for _ in range(MAX_HEADERS + 1):  # trailer lines, up to the empty one
+            line = self.rfile.readline(MAX_LINE + 1)
+            if not line.endswith(b"\n") or line.strip() == b"":
+                break
+        self._body_unread = False
+        return bytes(body)
+
     def _send(self, reply):
         if self._body_unread:  # we answered without reading the body: the connection cannot go on
             self.close_connection = True
         lines = [f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Error')}",
                  f"Server: {self.server_version}",
-                 f"Date: {_http_date()}",
-                 f"Content-Type: {reply.content_type}",
-                 f"Content-Length: {len(reply.body)}"]
+                 f"Date: {_http_date()}"]
+        if reply.content_type is not None:
+            lines.append(f"Content-Type: {reply.content_type}")
+        lines.append(f"Content-Length: {len(reply.body)}")
         lines.extend(f"{name}: {value}" for name, value in reply.headers)
         if self.close_connection:
             lines.append("Connection: close")
@@ -2097,6 +2204,986 @@ def make_server(config, store):
         # The handshake happens in the connection's thread (Handler.setup), not in the accept loop.
         server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     return server
+
+
+# Dialects ####################################################################
+#
+# How the server answers: as SPEC and the Go server's README say (README, the
+# default), or as the Go server itself answers (GO, --compat go): the Go
+# server of github pavbis/eventserver, read from its router, middlewares,
+# handlers, validation tags and SQL. App picks one by config.compat; nothing
+# else in the file asks which one is on. Everything that differs is in the
+# two classes below and the Go routing table; the rest of the section is how
+# the Go server's libraries write things (encoding/json, PostgreSQL's JSON,
+# the Prometheus client), which GO's handlers use.
+#
+# Where the Go server loses, corrupts or leaks data, or races, GO does not
+# copy it: it gives the safe outcome in the Go server's wire format (the
+# README lists each such departure under "Where --compat go differs").
+
+class Dialect:
+    """The default: routes, checks and answers as SPEC says."""
+
+    routes = ROUTES
+    public = PUBLIC  # handlers answered without credentials
+    reads_chunked = False  # a chunked request body is a 411
+
+    def route(self, router, method, path, query_text):
+        """(handler, params) for a request."""
+        return router.match(method, path)
+
+    def decode(self, params):
+        """The path parameters, decoded once the request may be served."""
+        return Router.decode(params)
+
+    def check_headers(self, handler_name, headers):
+        """Checks of the request's headers made before authentication: none."""
+
+    def unauthorized(self, handler_name):
+        return HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
+
+    def parse_query(self, text):
+        return parse_query(text)
+
+    def error_reply(self, error):
+        return error_reply(error)
+
+
+GO_JSON_TYPE = "application/json; charset=utf-8"  # what its middleware demands, to the byte
+GO_REPLY_TYPE = "application/json"  # what it answers with
+
+# The Go server's router (api/server.go), in its order, then what this server adds.
+GO_ROUTES = [
+    ("GET",  "/api/v1/health",                               "go_health"),
+    ("POST", "/api/v1/streams/{stream}/events",              "go_publish"),
+    ("POST", "/api/v1/streams/{stream}/events/{event_id}",   "go_ack"),
+    ("GET",  "/api/v1/streams/{stream}/events",              "go_read_events"),
+    ("POST", "/api/v1/{stream}/{consumer_id}/{event_name}/change/{offset}", "go_change_offset"),
+    ("GET",  "/api/v1/events/{event_id}/payload",            "go_event_payload"),
+    ("GET",  "/api/v1/consumers/{stream}",                   "go_consumers"),
+    ("GET",  "/api/v1/stats/events-per-stream",              "go_events_per_stream"),
+    ("GET",  "/api/v1/stats/stream-data",                    "go_stream_data"),
+    ("GET",  "/api/v1/stats/events-current-month",           "go_events_current_month"),
+    ("POST", "/api/v1/search",                               "go_search"),
+    ("POST", "/api/v1/event-period-search/{stream}",         "go_event_period_search"),
+    ("*",    "/api/v1/metrics",                              "go_metrics"),  # any method
+    # not the Go server's: the stream list and the dashboard, answered as by default
+    ("GET",  "/api/v1/streams",                              "list_streams"),
+    *[route for route in ROUTES if route[2] == "dashboard"],
+]
+
+
+class GoDialect(Dialect):
+    """--compat go: routes, checks and answers as the Go server does.
+
+    Its router is gorilla/mux: it matches the decoded path (%2F is a /),
+    redirects a path that is not clean (// . ..) with a 301, answers an
+    unknown path with a plain-text 404 and a wrong method with an empty 405.
+    Its middleware checks Content-Type and Accept, to the byte, before Basic
+    auth, and answers both in plain text. Its errors are {"error": "..."}.
+    Publishing, reading and the rest are GO_ROUTES' handlers (go_*)."""
+
+    routes = GO_ROUTES
+    public = {"go_health", "go_metrics"}
+    checked = {name for _, _, name in GO_ROUTES if name.startswith("go_")} - public
+    reads_chunked = True  # Go's net/http reads them
+
+    def route(self, router, method, path, query_text):
+        if _GO_BAD_ESCAPE.search(path):  # net/http cannot parse the request target
+            raise GoError("400 Bad Request", 400, plain=True, content_type="text/plain; charset=utf-8")
+        decoded = urllib.parse.unquote_to_bytes(path).decode("utf-8", "surrogateescape")
+        clean = _go_clean_path(decoded)
+        if clean != decoded:
+            raise GoRedirect(urllib.parse.quote(clean.encode("utf-8", "surrogateescape"), safe="/$&+,:;=@")
+                             + ("?" + query_text if query_text else ""))
+        if decoded != "/" and decoded.endswith("/"):  # no route ends with a slash
+            raise HTTPError(404)
+        return router.match(method, decoded)
+
+    def decode(self, params):
+        return params  # decoded before routing
+
+    def check_headers(self, handler_name, headers):
+        if handler_name in self.checked:
+            if headers.get("Content-Type") != GO_JSON_TYPE:
+                raise GoError(f"Content-Type header must be {GO_JSON_TYPE}", plain=True)
+            if headers.get("Accept") != GO_JSON_TYPE:
+                raise GoError(f"accept header must be {GO_JSON_TYPE}", plain=True)
+
+    def unauthorized(self, handler_name):
+        if handler_name in self.checked:
+            return GoError("Unauthorized", 401, plain=True)  # no WWW-Authenticate
+        return super().unauthorized(handler_name)
+
+    def parse_query(self, text):
+        return _go_query(text)
+
+    def error_reply(self, error):
+        if isinstance(error, GoRedirect):
+            return Reply(301, b"", None, [("Location", error.location)])
+        if isinstance(error, GoError):
+            body = error.go_text if error.plain else go_json({"error": error.go_text})
+            return Reply(error.status, body, error.content_type)
+        if error.status == 404 and not error.detail:  # no route: Go's http.NotFound
+            return Reply(404, "404 page not found\n", "text/plain; charset=utf-8",
+                         [("X-Content-Type-Options", "nosniff")])
+        if error.status == 405 and not error.detail:
+            return Reply(405, b"", None)
+        if error.status == 401:
+            return super().error_reply(error)
+        # this server's own refusals (413, a stopping server...), in the Go server's error shape
+        return Reply(error.status, go_json({"error": error.text}), GO_REPLY_TYPE)
+
+
+class GoError(HTTPError):
+    """A refusal worded as the Go server words it: {"error": text}, or text
+    alone (plain) as its middleware writes it."""
+
+    def __init__(self, text, status=400, plain=False, content_type=GO_REPLY_TYPE):
+        super().__init__(status, text)
+        self.go_text, self.plain, self.content_type = text, plain, content_type
+
+
+class GoRedirect(HTTPError):
+    """gorilla/mux's 301 to the clean form of a path."""
+
+    def __init__(self, location):
+        super().__init__(301, location)
+        self.location = location
+
+
+README, GO = Dialect(), GoDialect()
+DIALECTS = {"readme": README, "go": GO}
+
+# The Go server's error texts (api/input/errors.go and its handlers).
+GO_BAD_CONSUMER = "missing or invalid consumer id provided"
+GO_BAD_EVENT_ID = "missing or invalid event id provided"
+GO_BAD_LIMIT = "limit argument is not valid"
+GO_BAD_OFFSET = "offset argument is not valid"
+GO_BAD_PERIOD = "period is not supported or invalid"
+# Departures: what it cannot store, refused before anything is stored.
+GO_PRODUCER_RULE = ("X-Producer-ID must be a UUID: the Go server keeps 36 characters of it, and locks a "
+                    "producer with another ID out of its own stream")
+
+
+def go_required(struct, *fields):
+    """go-playground/validator's text for fields failing their 'required' tag."""
+    return "\n".join(f"Key: '{struct}.{field}' Error:Field validation for '{field}' failed on the 'required' tag"
+                     for field in fields)
+
+
+# -- the Go server's handlers ----------------------------------------------------
+
+def go_health(request):
+    problem = request.app.store.health_problem()
+    if problem is None:
+        return go_reply({"status": "OK"})
+    return go_reply({"status": "ERROR", "error": problem}, 503)  # never hidden, unlike the Go server
+
+
+def go_publish(request):
+    producer_id = request.headers.get("X-Producer-ID") or ""
+    if not producer_id:
+        raise GoError(go_required("ReceiveEventRequest", "XProducerID"))
+    request.client_id = producer_id
+    event = GoEvent.decode(request.body)
+    stream, store = request.params["stream"], request.app.store
+    problem = go_name_problem(stream, event.name)
+    if problem:
+        raise GoError(problem)
+    if not _UUID.match(producer_id):
+        raise GoError(GO_PRODUCER_RULE)
+    owner = store.owner(stream)
+    if owner is not None and owner != producer_id:
+        raise GoError(f"stream is reserved for another producer {owner}")
+    if len(stream) > MAX_NAME or len(event.name) > MAX_NAME:
+        raise GoError(f"pq: value too long for type character varying({MAX_NAME})")
+    if _holds_nul(event.stored):
+        raise GoError("pq: unsupported Unicode escape sequence")  # jsonb refuses \u0000
+    try:
+        event_id = store.publish(stream, producer_id, [Envelope(event.stored)])[0]
+    except StreamOwned as error:  # another producer's first publish committed in between
+        raise GoError(f"stream is reserved for another producer {error.owner}") from None
+    return go_reply({"uuid": event_id}, 201)
+
+
+def go_ack(request):  # the body is not read: any body, or none, will do
+    consumer_id = go_uuid(request.headers.get("X-Consumer-ID"), GO_BAD_CONSUMER)
+    request.client_id = consumer_id
+    event_id = go_uuid(request.params["event_id"], GO_BAD_EVENT_ID)
+    stream = request.params["stream"]
+    try:  # a retried ACK is a mismatch too: the offset has moved past the event
+        offset = request.app.store.ack(stream, event_id, consumer_id, retry_is_done=False)
+    except OffsetMismatch as error:
+        raise GoError(f"Consumer offset mismatch: {error.expected}->{error.got}") from None
+    except HTTPError as error:
+        if error.status != 404:
+            raise
+        raise GoError(f"event not found in stream {stream}/{event_id}") from None
+    return go_reply(f"Successfully moved offset to {offset} for cosumer id {consumer_id}")  # its typo
+
+
+def go_read_events(request):
+    consumer_id = go_uuid(request.headers.get("X-Consumer-ID"), GO_BAD_CONSUMER)
+    request.client_id = consumer_id
+    limit = go_atoi(request.arg("limit"), GO_BAD_LIMIT)
+    event_name = request.arg("eventName") or ""
+    missing = [field for field, absent in (("EventName", not event_name), ("Limit", limit == 0)) if absent]
+    if missing:
+        raise GoError(go_required("ReceiveEvents", *missing))
+    if limit < 0:
+        raise GoError(GO_BAD_LIMIT)  # the Go server asks PostgreSQL, which answers a 500
+    limit = min(limit, request.app.config.max_limit)
+    text = _unless_unknown(request.app.store.read, request.params["stream"], event_name, consumer_id, limit)
+    events = json.loads(text) if text else []
+    return go_reply([GoEvent.stored_view(event.pop("eventId"), event) for event in events])
+
+
+def go_change_offset(request):
+    consumer_id = go_uuid(request.params["consumer_id"], GO_BAD_CONSUMER)
+    offset = go_atoi(request.params["offset"], GO_BAD_OFFSET)
+    if offset < 0:
+        raise GoError(GO_BAD_OFFSET)  # the Go server would store it
+    try:  # only an offset the consumer has is moved; one it has not counts 0 events
+        request.app.store.seek(request.params["stream"], consumer_id, request.params["event_name"], offset,
+                               create=False)
+    except OffsetOutOfRange:
+        raise GoError("offset can not be greater than event count", 500) from None
+    return go_reply(f"successfully updated offset to {offset} for consumer {consumer_id}")
+
+
+def go_event_payload(request):
+    event_id = go_uuid(request.params["event_id"], GO_BAD_EVENT_ID)
+    text = _unless_unknown(request.app.store.envelope, event_id)
+    if text is None:
+        raise GoError("event id not found", 404)
+    view = GoEvent.stored_view(event_id, json.loads(text))
+    return Reply(200, pg_jsonb(view), GO_REPLY_TYPE)  # its jsonb column, as PostgreSQL writes it
+
+
+def go_consumers(request):
+    rows = _unless_unknown(request.app.store.consumers, request.params["stream"]) or []
+    rows = sorted((row for row in rows if row[4] > 0), key=lambda row: (row[3], row[1], row[0]))
+    return Reply(200, pg_rows([
+        {"consumerId": consumer, "offset": offset, "movedAt": pg_time(moved_at), "eventName": name,
+         "consumedPercentage": PgText(_hundredths(offset, count)), "behind": count - offset}
+        for consumer, offset, moved_at, name, count in rows]), GO_REPLY_TYPE)
+
+
+def go_events_per_stream(request):
+    ranked = sorted((s for s in request.app.store.stream_totals() if s.events), key=lambda s: (-s.events, s.name))
+    return Reply(200, pg_rows([{"label": s.name, "value": s.events} for s in ranked[:10]]), GO_REPLY_TYPE)
+
+
+def go_stream_data(request):
+    streams = sorted(request.app.store.stream_totals(), key=lambda s: s.name, reverse=True)
+    tiles = go_ranking([s.events for s in streams])
+    return Reply(200, pg_rows([{"streamName": s.name, "eventsCount": s.events, "consumedEvents": s.consumed,
+                                "ranking": None if tile is None else "\u272d" * tile}
+                               for s, tile in zip(streams, tiles)]), GO_REPLY_TYPE)
+
+
+def go_events_current_month(request):
+    rows, previous = [], None
+    for day, count in _days_of_this_month(request.app.store):
+        change = 0 if previous is None else count - previous
+        progress = "" if not change else ("+" if change > 0 else "-") + f"{abs(change):>3}"  # FORMAT('+%3s')
+        rows.append({"date": day, "eventcount": count, "progress": progress})
+        previous = count
+    return Reply(200, pg_rows(rows), GO_REPLY_TYPE)
+
+
+def go_search(request):
+    term = request.arg("_q") or ""
+    if not term:
+        raise GoError(go_required("SearchTermRequest", "Term"))
+    pairs, single, streams, consumers = request.app.store.search_like(term, SEARCH_LIMIT, _payload_search_text)
+    events = sorted({(f"{stream}/{name}", f"/admin/streams/{stream}/events?eventName={name}")
+                     for stream, name in pairs}
+                    | {(f"{stream}/{name}", f"/admin/streams/{stream}/events?eventId={event_id}")
+                       for stream, name, event_id in single})[:SEARCH_LIMIT]
+    results = [("events", label, url) for label, url in events]
+    results += [("streams", stream, f"/admin/streams/{stream}/events" if by_name
+                 else f"/admin/streams?producerId={producer}") for stream, producer, by_name in streams]
+    results += [("consumers", f"{stream}/{consumer}", f"/admin/streams/{stream}/consumers?consumerId={consumer}")
+                for stream, consumer in consumers]
+    return Reply(200, pg_rows([{"search_result": {"label": label, "category": category, "url": url}}
+                               for category, label, url in results]), GO_REPLY_TYPE)
+
+
+def go_event_period_search(request):
+    since = _go_period_start(request.arg("period") or "")
+    if since is None:
+        raise GoError(GO_BAD_PERIOD)
+    rows = _unless_unknown(request.app.store.events_since, request.params["stream"],
+                           since.isoformat(timespec="microseconds"), PERIOD_LIMIT) or []
+    return Reply(200, pg_rows([{"eventId": event_id, "eventName": name, "createdAt": pg_time(created_at),
+                                "consumerids": consumer_ids}  # its unquoted SQL alias, lowercased
+                               for event_id, name, created_at, consumer_ids in rows]), GO_REPLY_TYPE)
+
+
+def go_metrics(request):
+    store = request.app.store
+    streams, offsets = store.stream_totals(), store.all_offsets()
+    families = [  # as its collector names them; promhttp sorts families, samples and labels
+        ("consumer_offset", "gauge", "Current offset of consumers per stream and event",
+         [({"consumerId": consumer, "eventName": name, "stream": stream}, offset)
+          for stream, consumer, name, offset, _ in offsets]),
+        ("consumers_total", "counter", "Total amount of registered consumers per stream",
+         [({"stream": s.name}, s.consumers) for s in streams if s.consumers]),
+        ("events_total", "counter", "Total amount of events per stream",
+         [({"producerId": s.producer_id, "stream": s.name}, s.events) for s in streams]),
+        ("streams_total", "counter", "Total number of streams", [({}, len(streams))]),
+    ]
+    lines = []
+    for name, kind, text, samples in families:
+        if samples:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            for labels, value in sorted(samples, key=lambda sample: list(sample[0].values())):
+                label_text = ",".join(f'{key}="{_label_value(text)}"' for key, text in labels.items())
+                lines.append(f"{name}{{{label_text}}} {_go_g(value)}" if label_text else f"{name} {_go_g(value)}")
+    body = ("\n".join(lines) + "\n").encode("utf-8")
+    headers = []
+    if _go_negotiate_gzip(request.headers.get("Accept-Encoding")):
+        body, headers = gzip.compress(body), [("Content-Encoding", "gzip")]
+    return Reply(200, body, "text/plain; version=0.0.4; charset=utf-8; escaping=underscores", headers)
+
+
+def _unless_unknown(verb, *args):
+    """verb(*args), or None where the stream or event is unknown (a 404):
+    the Go server's queries then find nothing."""
+    try:
+        return verb(*args)
+    except HTTPError as error:
+        if error.status != 404:
+            raise
+        return None
+
+
+def go_reply(value, status=200):
+    return Reply(status, go_json(value), GO_REPLY_TYPE)
+
+
+# -- what the Go server accepts ----------------------------------------------------
+
+_GO_BAD_ESCAPE = re.compile(r"%(?![0-9a-fA-F]{2})")
+_GO_INT = re.compile(r"[+-]?[0-9]+\Z")
+_GO_HEX32 = re.compile(r"[0-9a-fA-F]{32}\Z")
+# An unquoted SQL identifier, as PostgreSQL lexes one (any non-ASCII character is a letter).
+_GO_IDENTIFIER = re.compile("[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*\\Z")
+# PostgreSQL's reserved and type/function keywords: not a sequence name (pg_get_keywords, R and T).
+_PG_RESERVED = frozenset("""
+    all analyse analyze and any array as asc asymmetric both case cast check collate column constraint
+    create current_catalog current_date current_role current_time current_timestamp current_user default
+    deferrable desc distinct do else end except false fetch for foreign from grant group having in
+    initially intersect into lateral leading limit localtime localtimestamp not null offset on only or
+    order placing primary references returning select session_user some symmetric table then to trailing
+    true union unique user using variadic when where window with authorization binary collation
+    concurrently cross current_schema freeze full ilike inner is isnull join left like natural notnull
+    outer overlaps right similar tablesample verbose""".split())
+
+
+def go_uuid(text, error):
+    """A UUID as google/uuid's Parse takes it (also {...}, urn:uuid:..., or
+    32 hex digits), written in lowercase; GoError(error) otherwise."""
+    text = text or ""
+    if len(text) == 45 and text[:9].lower() == "urn:uuid:":
+        text = text[9:]
+    elif len(text) == 38:
+        text = text[1:37]  # it skips the braces without looking at them
+    elif _GO_HEX32.match(text):
+        text = f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    if not _UUID.match(text):
+        raise GoError(error)
+    return text.lower()
+
+
+def go_atoi(text, error):
+    """An integer as strconv.Atoi takes it (a sign allowed, 64 bits)."""
+    if text is None or not _GO_INT.match(text) or len(text.lstrip("+-").lstrip("0")) > 19:
+        raise GoError(error)
+    value = int(text)
+    if value not in INT64:
+        raise GoError(error)
+    return value
+
+
+def go_name_problem(stream, event_name):
+    """Why the Go server cannot store events of that name in that stream, or
+    None. It splices stream + event name into its SQL as a sequence's name
+    (and lowercases it with Go's rules, not PostgreSQL's), so together they
+    must be one unquoted identifier that is no keyword. The Go server fails
+    with a syntax error and keeps the stream reserved; this refuses up front."""
+    name = stream + event_name
+    rule = (f"stream name + event name ({name!r}) must form an SQL identifier, as the Go server builds one "
+            f"from them: ")
+    if re.search("[\ud800-\udfff]", name):
+        return rule + "valid UTF-8"
+    if not _GO_IDENTIFIER.match(name):
+        return rule + "a letter or _ first, then letters, digits, _ or $"
+    if name.lower() in _PG_RESERVED:
+        return rule + "not a reserved word of PostgreSQL"
+    if any(char >= "\x80" and char.lower() != char for char in name):
+        return rule + "no uppercase letter outside A-Z"
+    return None
+
+
+def _go_query(text):
+    """{name: [values]} as Go's url.ParseQuery reads a query: + is a space,
+    a pair with ';' or a bad %-escape is dropped."""
+    query = {}
+    for pair in text.split("&") if text else ():
+        if not pair or ";" in pair or _GO_BAD_ESCAPE.search(pair):
+            continue
+        name, _, value = pair.partition("=")
+        query.setdefault(urllib.parse.unquote_plus(name, errors="replace"), []).append(
+            urllib.parse.unquote_plus(value, errors="replace"))
+    return query
+
+
+def _go_clean_path(path):
+    """The path as Go's path.Clean leaves it, trailing slash kept (gorilla/mux's cleanPath)."""
+    parts = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if parts:
+                parts.pop()
+        elif segment not in ("", "."):
+            parts.append(segment)
+    clean = "/" + "/".join(parts)
+    return clean + "/" if path.endswith("/") and clean != "/" else clean
+
+
+def _go_period_start(period):
+    """Now less the period, as PostgreSQL's interval does it (1month: a calendar month), or None."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if period == "1month":
+        year, month = (now.year, now.month - 1) if now.month > 1 else (now.year - 1, 12)
+        last_day = calendar.monthrange(year, month)[1]
+        return now.replace(year=year, month=month, day=min(now.day, last_day))
+    hours = {"6hour": 6, "24hour": 24, "2day": 48, "7day": 7 * 24, "14day": 14 * 24}.get(period)
+    return None if hours is None else now - datetime.timedelta(hours=hours)
+
+
+def _go_negotiate_gzip(accept_encoding):
+    """Whether promhttp picks gzip for this Accept-Encoding (it offers
+    identity, then gzip; an equal weight keeps the first)."""
+    best, best_q = "identity", -1.0
+    specs = []
+    for item in (accept_encoding or "").split(","):
+        value, _, params = item.partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, number = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(number)
+                except ValueError:
+                    q = 0.0
+        if value.strip():
+            specs.append((value.strip(), q))
+    for offer in ("identity", "gzip"):
+        for value, q in specs:
+            if q > best_q and value in ("*", offer):
+                best, best_q = offer, q
+    return best == "gzip" and best_q > 0
+
+
+def _days_of_this_month(store):
+    """(YYYY-MM-DD, events stored that day) for every day of this month (UTC)."""
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    first = today.replace(day=1)
+    last = first.replace(day=calendar.monthrange(first.year, first.month)[1])
+    counts = store.daily_counts(first.isoformat(), last.isoformat())
+    return [(day, counts.get(day, 0)) for day in
+            (first.replace(day=number).isoformat() for number in range(1, last.day + 1))]
+
+
+def _hundredths(part, whole):
+    """ROUND(part * 100.0 / whole, 2) as PostgreSQL writes it: two places, always."""
+    hundredths = (part * 10000 * 2 + whole) // (2 * whole)
+    return f"{hundredths // 100}.{hundredths % 100:02d}"
+
+
+def go_ranking(counts):
+    """Each count's ranking (1-5, or None) as the Go server's SQL function
+    ranking(count, all counts, 5) computes it: an index per count against the
+    largest count within two standard deviations of the mean, then NTILE(5)
+    over the distinct rounded indexes."""
+    context = decimal.Context(prec=50)
+    values = [decimal.Decimal(count) for count in counts]
+    if not values:
+        return []
+    mean = context.divide(sum(values), len(values))
+    low = high = None
+    if len(values) > 1:
+        variance = context.divide(sum((value - mean) ** 2 for value in values), len(values) - 1)
+        deviation = context.sqrt(variance)
+        low, high = mean - 2 * deviation, mean + 2 * deviation
+    upper = max((v for v in values if high is not None and v <= high and v != 0), default=None)
+
+    def index(value):
+        if low is not None and value < low:
+            share = None if upper is None else context.divide(low, abs(upper)) * 100
+        elif high is not None and value <= high:
+            share = None if upper is None else context.divide(value, abs(upper)) * 100
+        else:
+            share = decimal.Decimal(100)
+        return None if share is None else int(share.quantize(1, rounding=decimal.ROUND_HALF_UP))
+
+    indexes = [index(value) for value in values]
+    bases = sorted(set(indexes), key=lambda base: (base is None, base or 0))  # NULLS LAST
+    size, extra = divmod(len(bases), 5)
+    tiles, position = {}, 0
+    for tile in range(1, 6):
+        for _ in range(size + (1 if tile <= extra else 0)):
+            tiles[bases[position]] = tile
+            position += 1
+    return [None if base is None else tiles[base] for base in indexes]
+
+
+# -- how the Go server reads an event: types.Event and encoding/json -------------
+
+class _GoNumber(str):
+    """A JSON number's literal text, as Go's decoder has it before converting it."""
+
+
+class _GoObject(list):
+    """A JSON object's (key, value) pairs in order, duplicates kept."""
+
+
+_GO_DECODER = json.JSONDecoder(object_pairs_hook=_GoObject, parse_int=_GoNumber, parse_float=_GoNumber)
+codecs.register_error("eventserver-go", lambda error: ("\ufffd" * (error.end - error.start), error.end))
+
+
+class GoEvent:
+    """An event envelope as the Go server's types.Event keeps it: known
+    fields only (matched by name, else ignoring case), missing strings "",
+    a missing version 0, payload an object or null.
+
+    stored is what is kept of it: those fields, the payload's numbers as
+    sent. On reading, the payload's numbers are float64, as Go has them."""
+
+    __slots__ = ("name", "stored", "_errors")
+    STRUCTS = {"event": ("EventData", "types.EventData", {"name": "", "version": 0}),
+               "system": ("System", "types.System", {"id": "", "name": "", "time": "", "timezone": ""}),
+               "trigger": ("Trigger", "types.Trigger", {"type": "", "name": ""})}
+
+    def __init__(self, value):
+        self._errors = []
+        fields = {name: dict(struct[2]) for name, struct in self.STRUCTS.items()}
+        payload = None
+        kind = _go_kind(value)
+        if kind not in ("object", "null"):
+            self._error(f"{kind} into Go value of type types.Event")
+        for key, item in _go_items(value) if kind == "object" else ():
+            field = _go_field(key, ("eventId", "event", "system", "trigger", "payload"))
+            item_kind = _go_kind(item)
+            if field == "eventId" and item_kind not in ("string", "null"):
+                self._error(f"{item_kind} into Go struct field Event.eventId of type string")
+            elif field in self.STRUCTS:
+                self._struct(field, item, fields[field])
+            elif field == "payload":
+                if item_kind == "object":
+                    payload = {} if payload is None else payload  # a second payload adds to the first
+                    payload.update((_go_text(k), self._any(v)) for k, v in _go_items(item))
+                elif item_kind == "null":
+                    payload = None
+                else:
+                    self._error(f"{item_kind} into Go struct field Event.payload of type types.Payload")
+        if self._errors:
+            raise GoError(self._errors[0])
+        self.name = fields["event"]["name"]
+        self.stored = dict(fields, **({} if payload is None else {"payload": payload}))
+
+    @classmethod
+    def decode(cls, body):
+        """The request body's first JSON value as json.Decoder reads it (what
+        follows it is not read), refused in its words: EOF, unexpected EOF,
+        its syntax and type errors, and the validator's on a missing name."""
+        end = _GoScanner(body).end_of_value()
+        try:
+            value = _GO_DECODER.decode(body[:end].decode("utf-8", "eventserver-go"))
+        except RecursionError:
+            raise GoError("invalid character '[' exceeded max depth") from None
+        event = cls(value)
+        if not event.name:
+            raise GoError(go_required("Event.EventData", "Name"))
+        return event
+
+    @classmethod
+    def stored_view(cls, event_id, stored):
+        """What the Go server answers of a stored event: its types.Event,
+        eventId first, the payload's numbers as float64 (a stored envelope it
+        could not have read is its 500)."""
+        try:
+            event = cls(stored)
+        except GoError as error:
+            raise GoError(error.go_text, 500) from None
+        view = {"eventId": event_id, **event.stored, "payload": _go_floats(event.stored.get("payload"))}
+        return view
+
+    def _error(self, text):
+        self._errors.append("json: cannot unmarshal " + text)
+
+    def _struct(self, field, value, into):
+        struct, go_type, defaults = self.STRUCTS[field]
+        kind = _go_kind(value)
+        if kind == "null":
+            return
+        if kind != "object":
+            return self._error(f"{kind} into Go struct field Event.{field} of type {go_type}")
+        for key, item in _go_items(value):
+            name = _go_field(key, tuple(defaults))
+            if name is None:
+                continue
+            item_kind = _go_kind(item)
+            where = f"Go struct field {struct}.{field}.{name}"
+            if name == "version":
+                literal = str(item)
+                if item_kind == "number" and _GO_INT.match(literal) and literal[0] != "+" and int(literal) in INT64:
+                    into[name] = int(literal)
+                elif item_kind != "null":
+                    self._error(f"{'number ' + literal if item_kind == 'number' else item_kind} into {where} of type int")
+            elif item_kind == "string":
+                into[name] = _go_text(item)
+            elif item_kind != "null":
+                self._error(f"{item_kind} into {where} of type string")
+
+    def _any(self, value):
+        """A payload value as sent, checked as Go's float64 would take its numbers."""
+        kind = _go_kind(value)
+        if kind == "object":
+            return {_go_text(key): self._any(item) for key, item in _go_items(value)}
+        if kind == "array":
+            return [self._any(item) for item in value]
+        if kind == "string":
+            return _go_text(value)
+        if kind == "number":
+            literal = str(value)
+            try:
+                number = int(literal) if _GO_INT.match(literal) else float(literal)
+                if math.isinf(float(number)):
+                    raise OverflowError(literal)
+                return number
+            except (OverflowError, ValueError):
+                self._error(f"number {literal} into Go struct field Event.payload of type float64")
+                return None
+        return value  # true, false, null
+
+
+def _go_kind(value):
+    if isinstance(value, (_GoObject, dict)):
+        return "object"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, _GoNumber) or type(value) in (int, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "bool" if isinstance(value, bool) else "null"
+
+
+def _go_items(value):
+    return value if isinstance(value, _GoObject) else value.items()
+
+
+def _go_fold(name):
+    """encoding/json's case folding of a key."""
+    return "".join(char.upper() if char < "\x80" else char.lower().upper()[:1] for char in name)
+
+
+def _go_field(key, names):
+    """The struct field a key goes to: the same name, else the same ignoring case, else None."""
+    if key in names:
+        return key
+    folded = _go_fold(key)
+    return next((name for name in names if _go_fold(name) == folded), None)
+
+
+def _go_text(text):
+    """A decoded string as Go keeps it: a lone surrogate is U+FFFD."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
+
+
+def _go_floats(value):
+    """The payload's numbers as float64, as Go decodes them into interface{}."""
+    if isinstance(value, dict):
+        return GoMap((key, _go_floats(item)) for key, item in value.items())
+    if isinstance(value, list):
+        return [_go_floats(item) for item in value]
+    if type(value) in (int, float):
+        return float(value)
+    return value
+
+
+def _holds_nul(value):
+    """Whether any string of the value, key or text, holds U+0000."""
+    if isinstance(value, dict):
+        return any("\x00" in key or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return isinstance(value, str) and "\x00" in value
+
+
+class _GoScanner:
+    """Go's JSON scanner, as far as json.Decoder needs it: where the first
+    value of the data ends, or the scanner's error message."""
+
+    def __init__(self, data):
+        self.data, self.at = data, 0
+
+    def fail(self, context):
+        if self.at >= len(self.data):  # json.Decoder at the end of the body
+            raise GoError("unexpected EOF" if self.data.strip(b" \t\r\n") else "EOF")
+        raise GoError(f"invalid character {_go_quote_char(self.data[self.at])} {context}")
+
+    def peek(self):
+        return self.data[self.at] if self.at < len(self.data) else None
+
+    def space(self):
+        while self.peek() in (0x20, 0x09, 0x0d, 0x0a):
+            self.at += 1
+
+    def end_of_value(self):
+        stack, want_value = [], True
+        while True:
+            if want_value:
+                self.space()
+                byte = self.peek()
+                if byte in (0x7b, 0x5b):  # { [
+                    stack.append(byte)
+                    if len(stack) > 10000:
+                        self.fail("exceeded max depth")
+                    self.at += 1
+                    self.space()
+                    if self.peek() == byte + 2:  # } ]
+                        self.at += 1
+                        stack.pop()
+                    elif byte == 0x7b:
+                        self.key()
+                        continue
+                    else:
+                        continue
+                elif byte == 0x22:
+                    self.string()
+                elif byte is not None and (byte == 0x2d or 0x30 <= byte <= 0x39):
+                    self.number()
+                elif byte in (0x74, 0x66, 0x6e):  # t f n
+                    self.literal()
+                else:
+                    self.fail("looking for beginning of value")
+                want_value = False
+            if not stack:
+                return self.at
+            self.space()
+            in_object = stack[-1] == 0x7b
+            if self.peek() == 0x2c:  # ,
+                self.at += 1
+                if in_object:
+                    self.space()
+                    self.key()
+                want_value = True
+            elif self.peek() == stack[-1] + 2:
+                self.at += 1
+                stack.pop()
+            else:
+                self.fail("after object key:value pair" if in_object else "after array element")
+
+    def key(self):
+        if self.peek() != 0x22:
+            self.fail("looking for beginning of object key string")
+        self.string()
+        self.space()
+        if self.peek() != 0x3a:  # :
+            self.fail("after object key")
+        self.at += 1
+
+    def string(self):
+        self.at += 1
+        while True:
+            byte = self.peek()
+            if byte is None:
+                self.fail("")
+            if byte == 0x22:
+                self.at += 1
+                return
+            if byte == 0x5c:  # backslash
+                self.at += 1
+                escaped = self.peek()
+                if escaped == 0x75:  # u
+                    for _ in range(4):
+                        self.at += 1
+                        if self.peek() is None or self.peek() not in b"0123456789abcdefABCDEF":
+                            self.fail("in \\u hexadecimal character escape")
+                elif escaped is None or escaped not in b'bfnrt\\/"':
+                    self.fail("in string escape code")
+            elif byte < 0x20:
+                self.fail("in string literal")
+            self.at += 1
+
+    def digits(self):
+        while self.peek() is not None and 0x30 <= self.peek() <= 0x39:
+            self.at += 1
+
+    def number(self):
+        if self.peek() == 0x2d:
+            self.at += 1
+            if self.peek() is None or not 0x30 <= self.peek() <= 0x39:
+                self.fail("in numeric literal")
+        if self.peek() == 0x30:
+            self.at += 1
+        else:
+            self.digits()
+        if self.peek() == 0x2e:
+            self.at += 1
+            if self.peek() is None or not 0x30 <= self.peek() <= 0x39:
+                self.fail("after decimal point in numeric literal")
+            self.digits()
+        if self.peek() in (0x65, 0x45):
+            self.at += 1
+            if self.peek() in (0x2b, 0x2d):
+                self.at += 1
+            if self.peek() is None or not 0x30 <= self.peek() <= 0x39:
+                self.fail("in exponent of numeric literal")
+            self.digits()
+
+    def literal(self):
+        word = {0x74: "true", 0x66: "false", 0x6e: "null"}[self.peek()]
+        for expected in word[1:]:
+            self.at += 1
+            if self.peek() != ord(expected):
+                self.fail(f"in literal {word} (expecting '{expected}')")
+        self.at += 1
+
+
+def _go_quote_char(byte):
+    """A byte as Go's scanner names it in an error: quoted like a rune."""
+    if byte == 0x27:
+        return "'\\''"
+    if byte == 0x22:
+        return "'\"'"
+    char = chr(byte)
+    short = {"\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+    if char in short:
+        return f"'{short[char]}'"
+    if char.isprintable():
+        return f"'{char}'"
+    return f"'\\x{byte:02x}'" if byte < 0x20 or byte == 0x7f else f"'\\u{byte:04x}'"
+
+
+# -- how the Go server writes: encoding/json, and PostgreSQL's json and jsonb ------
+
+class GoMap(dict):
+    """A Go map: encoding/json writes its keys sorted (a plain dict is a
+    struct: its fields in order)."""
+
+
+class PgText(str):
+    """JSON text PostgreSQL writes as it is (a numeric with its scale)."""
+
+
+def go_json(value):
+    """JSON as Go's json.Marshal writes it: compact; <, >, &, U+2028 and
+    U+2029 escaped; a float64 in its shortest form (1e+21, 1e-7)."""
+    if isinstance(value, str):
+        return _go_string(value)
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _go_float(value)
+    if isinstance(value, dict):
+        items = sorted(value.items()) if isinstance(value, GoMap) else value.items()
+        return "{" + ",".join(_go_string(key) + ":" + go_json(item) for key, item in items) + "}"
+    return "[" + ",".join(go_json(item) for item in value) + "]"
+
+
+def _go_string(text):
+    return (json.dumps(text, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _shortest(value):
+    """(sign, digits, exponent) of the shortest decimal that reads back as value."""
+    sign, digits, exponent = decimal.Decimal(repr(value)).normalize().as_tuple()
+    return "-" if sign else "", "".join(map(str, digits)), exponent + len(digits) - 1
+
+
+def _go_exponent_form(sign, digits, exponent):
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{sign}{mantissa}e{'-' if exponent < 0 else '+'}{abs(exponent):02d}"
+
+
+def _go_float(value):
+    """A float64 as encoding/json writes it."""
+    if value == 0:
+        return "-0" if math.copysign(1.0, value) < 0 else "0"
+    if 1e-6 <= abs(value) < 1e21:
+        return format(decimal.Decimal(repr(value)).normalize(), "f")
+    text = _go_exponent_form(*_shortest(value))
+    return text[:-2] + text[-1] if text[-3:-1] == "-0" else text  # e-07 is e-7
+
+
+def _go_g(value):
+    """A number as strconv's shortest 'g' writes it (the Prometheus client's values): 1e+06 for a million."""
+    if value in (0, 1, -1):
+        return str(int(value))
+    sign, digits, exponent = _shortest(float(value))
+    if exponent < -4 or exponent >= 6:
+        return _go_exponent_form(sign, digits, exponent)
+    return format(decimal.Decimal(repr(float(value))).normalize(), "f")
+
+
+def _pg_json(value):
+    """A value as PostgreSQL's row_to_json writes it: compact, only " \\ and control characters escaped."""
+    if isinstance(value, PgText):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(json.dumps(key) + ":" + _pg_json(item) for key, item in value.items()) + "}"
+    return "[" + ",".join(_pg_json(item) for item in value) + "]"
+
+
+def pg_rows(rows):
+    """json_agg of rows, COALESCEd to []: PostgreSQL puts ", newline, space" between rows."""
+    return "[" + ", \n ".join(_pg_json(row) for row in rows) + "]"
+
+
+def pg_jsonb(value):
+    """A value as PostgreSQL writes a jsonb: ", " and ": ", an object's keys
+    shortest first (then bytewise), numbers as numeric text."""
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda key: (len(key.encode("utf-8")), key.encode("utf-8")))
+        return "{" + ", ".join(f"{json.dumps(key, ensure_ascii=False)}: {pg_jsonb(value[key])}" for key in keys) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(pg_jsonb(item) for item in value) + "]"
+    if isinstance(value, float):  # what Go wrote, read back as numeric: 1e+21 is 1000000000000000000000
+        number = decimal.Decimal(_go_float(value))
+        return "0" if number.is_zero() else format(number, "f")
+    return _pg_json(value)
+
+
+def pg_time(text):
+    """A stored time as PostgreSQL writes a timestamptz in JSON: no trailing zeros in the fraction."""
+    head, dot, rest = text.partition(".")
+    fraction, zone = rest[:6].rstrip("0"), rest[6:]
+    return head + ("." + fraction if fraction else "") + zone if dot else text
+
+
+def _payload_search_text(payload):
+    """The stored payload as the Go server's search reads it (event->>'payload'), or None."""
+    try:
+        value = json.loads(payload) if payload else None
+    except ValueError:
+        return None
+    return pg_jsonb(_go_floats(value)) if isinstance(value, dict) else None
 
 
 # Tools: moving whole databases ###############################################
