@@ -1495,6 +1495,8 @@ def _file_identity(path):
 # Handler that reads requests off a connection and writes their answers.
 
 JSON_TYPE = "application/json; charset=utf-8"
+CHALLENGE = ("WWW-Authenticate", 'Basic realm="eventserver"')
+DASHBOARD_HEADER = "X-Eventserver-Dashboard"  # on the dashboard's own API requests
 IDEMPOTENCY_HEADERS = ("Idempotency-Key", "ES-EventId", "Nats-Msg-Id")
 
 SEARCH_LIMIT = 100
@@ -2025,7 +2027,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             handler, params = dialect.route(app.router, self.command, path, query_text)
             dialect.check_headers(handler.__name__, self.headers)
             if handler.__name__ not in dialect.public and not app.authorized(self.headers.get("Authorization")):
-                raise dialect.unauthorized(handler.__name__)
+                raise dialect.unauthorized(handler.__name__, self.headers)
             body = self._read_body(app.config.max_body, dialect.reads_chunked)
             request = Request(app, dialect.decode(params), dialect.parse_query(query_text), self.headers, body)
             try:
@@ -2073,7 +2075,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             size_text = line.split(b";")[0].strip()
             if not _HEX.match(size_text):
                 raise bad_request("a chunk size is not hexadecimal")
-            size = int(size_text[:16], 16)
+            size = int(size_text, 16) if len(size_text) <= 15 else max_body + 1
             if size == 0:
                 break
             if len(body) + size > max_body:
@@ -2239,8 +2241,8 @@ class Dialect:
     def check_headers(self, handler_name, headers):
         """Checks of the request's headers made before authentication: none."""
 
-    def unauthorized(self, handler_name):
-        return HTTPError(401, headers=[("WWW-Authenticate", 'Basic realm="eventserver"')])
+    def unauthorized(self, handler_name, headers):
+        return HTTPError(401, headers=[CHALLENGE])
 
     def parse_query(self, text):
         return parse_query(text)
@@ -2310,10 +2312,13 @@ class GoDialect(Dialect):
             if headers.get("Accept") != GO_JSON_TYPE:
                 raise GoError(f"accept header must be {GO_JSON_TYPE}", plain=True)
 
-    def unauthorized(self, handler_name):
-        if handler_name in self.checked:
-            return GoError("Unauthorized", 401, plain=True)  # no WWW-Authenticate
-        return super().unauthorized(handler_name)
+    def unauthorized(self, handler_name, headers):
+        if handler_name not in self.checked:
+            return super().unauthorized(handler_name, headers)
+        refusal = GoError("Unauthorized", 401, plain=True)  # without WWW-Authenticate...
+        if DASHBOARD_HEADER in headers:  # ...but the dashboard's browser needs it to send what it has
+            refusal.headers = (CHALLENGE,)
+        return refusal
 
     def parse_query(self, text):
         return _go_query(text)
@@ -2323,7 +2328,7 @@ class GoDialect(Dialect):
             return Reply(301, b"", None, [("Location", error.location)])
         if isinstance(error, GoError):
             body = error.go_text if error.plain else go_json({"error": error.go_text})
-            return Reply(error.status, body, error.content_type)
+            return Reply(error.status, body, error.content_type, error.headers)
         if error.status == 404 and not error.detail:  # no route: Go's http.NotFound
             return Reply(404, "404 page not found\n", "text/plain; charset=utf-8",
                          [("X-Content-Type-Options", "nosniff")])
@@ -3524,10 +3529,14 @@ function section(id, title, wide) {
 const part = encodeURIComponent;
 function streamLink(name) { return el("a", { href: "#/admin/streams/" + part(name) + "/events" }, name); }
 
-async function api(path) {
+// Asked as the Go server (--compat go) wants it, which the default takes too: both headers
+// exactly so, search and period search by POST; its field names are read as well.
+const JSON_TYPE = "application/json; charset=utf-8";
+async function api(path, method) {
   // location.origin, not a relative URL: a page opened as http://user:pass@host/ must not
   // put the credentials in its requests (fetch refuses that); the browser's auth cache does.
-  const response = await fetch(location.origin + API + path, { headers: { "Accept": "application/json" }, cache: "no-store" });
+  const response = await fetch(location.origin + API + path, { method: method || "GET", cache: "no-store",
+    headers: { "Accept": JSON_TYPE, "Content-Type": JSON_TYPE, "X-Eventserver-Dashboard": "1" } });
   if (!response.ok) throw new Error(response.status + " " + (await response.text()));
   return response.json();
 }
@@ -3582,12 +3591,12 @@ async function overview(producerId) {
   section("per-stream", "Events per stream (top 10)").replaceChildren(
     perStream.length ? barChart(perStream, "stream", "events", 1) : el("p", { class: "muted" }, "no events yet"));
   section("per-day", "Events per day, this month (UTC)").replaceChildren(
-    barChart(perDay.map(d => ({ label: d.date, short: String(Number(d.date.slice(8))), value: d.eventCount })), "day of month", "events", 2));
+    barChart(perDay.map(d => ({ label: d.date, short: String(Number(d.date.slice(8))), value: d.eventCount ?? d.eventcount })), "day of month", "events", 2));
 }
 
 async function streamView(stream, params) {
   const [consumers, events] = await Promise.all([
-    api("/consumers/" + part(stream)), api("/event-period-search/" + part(stream) + "?period=1month")]);
+    api("/consumers/" + part(stream)), api("/event-period-search/" + part(stream) + "?period=1month", "POST")]);
   const crumbs = document.getElementById("crumbs") || view.appendChild(el("p", { id: "crumbs", class: "crumbs" }));
   crumbs.replaceChildren(el("a", { href: "#/" }, "all streams"), " › ", el("strong", {}, stream));
   const consumerId = params.get("consumerId");
@@ -3601,7 +3610,7 @@ async function streamView(stream, params) {
   const body = section("events", "Newest events (last 30 days)" + (eventName ? " named " + eventName : ""), true);
   body.closest("section").querySelector("h2").textContent = "Newest events (last 30 days)" + (eventName ? " named " + eventName : "");
   const rows = table([{ label: "event ID" }, { label: "name" }, { label: "created at" }, { label: "consumed by" }],
-    newest.map(e => [e.eventId, e.eventName, e.createdAt, e.consumerIds.join(", ") || "—"]),
+    newest.map(e => [e.eventId, e.eventName, e.createdAt, (e.consumerIds || e.consumerids).join(", ") || "—"]),
     index => ({ class: "event-row" + (newest[index].eventId === openEventId ? " open" : ""), "data-event-id": newest[index].eventId }));
   const envelope = el("div", { id: "envelope" });
   body.replaceChildren(rows, envelope);
@@ -3617,7 +3626,7 @@ async function streamView(stream, params) {
 }
 
 async function searchView(term) {
-  const results = await api("/search?_q=" + part(term));
+  const results = await api("/search?_q=" + part(term), "POST");
   const body = section("results", "Search results for “" + term + "”", true);
   body.closest("section").querySelector("h2").textContent = "Search results for “" + term + "”";
   body.replaceChildren(table([{ label: "category" }, { label: "result" }],
