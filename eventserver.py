@@ -1858,8 +1858,9 @@ class Router:
 
 
 class App:
-    """The server's state shared by all requests: config, store, router,
-    and the count of requests in flight (so shutdown can wait for them)."""
+    """The server's state shared by all requests: config, store, the
+    dialect and its router, and the count of requests in flight (so
+    shutdown can wait for them)."""
 
     def __init__(self, config, store):
         self.config = config
@@ -2215,9 +2216,12 @@ def make_server(config, store):
 # server of github pavbis/eventserver, read from its router, middlewares,
 # handlers, validation tags and SQL. App picks one by config.compat; nothing
 # else in the file asks which one is on. Everything that differs is in the
-# two classes below and the Go routing table; the rest of the section is how
-# the Go server's libraries write things (encoding/json, PostgreSQL's JSON,
-# the Prometheus client), which GO's handlers use.
+# two classes below and the Go routing table, whose handlers (go_*) follow:
+# they call the same Store verbs, passing the two choices the Go server makes
+# otherwise (Store.ack's retry_is_done, Store.seek's create) and searching
+# with Store.search_like. The rest of the section is how the Go server and
+# its libraries read and write (encoding/json, its types.Event, PostgreSQL's
+# JSON, the Prometheus client).
 #
 # Where the Go server loses, corrupts or leaks data, or races, GO does not
 # copy it: it gives the safe outcome in the Go server's wire format (the
@@ -2894,8 +2898,13 @@ def _go_items(value):
 
 
 def _go_fold(name):
-    """encoding/json's case folding of a key."""
-    return "".join(char.upper() if char < "\x80" else char.lower().upper()[:1] for char in name)
+    """encoding/json's case folding of a key (a character's simple case mapping, one to one)."""
+    return "".join(char.upper() if char < "\x80" else _go_fold_char(char) for char in name)
+
+
+def _go_fold_char(char):
+    folded = char.lower().upper()
+    return folded if len(folded) == 1 else char
 
 
 def _go_field(key, names):
