@@ -25,10 +25,12 @@ import collections
 import contextlib
 import datetime
 import decimal
+import errno
 import gzip
 import hashlib
 import hmac
 import http.server
+import ipaddress
 import json
 import logging
 import math
@@ -127,6 +129,16 @@ def _text(text):
 
 _text.__name__ = "text"
 
+
+def _host_names(text):
+    names = [name.strip().lower().rstrip(".") for name in text.split(",")]
+    if not all(names):
+        raise ValueError(text)
+    return frozenset(names)
+
+
+_host_names.__name__ = "comma-separated host names"
+
 # Every flag of the server: (name, kind, default, meaning). Each has an environment
 # variable, EVENTSERVER_ and the name in capitals with "-" as "_"; a kind of
 # _switch is a flag without a value. None: not set unless given.
@@ -143,6 +155,18 @@ FLAGS = [
     ("max-limit", _positive_int, "1000", "largest limit a read returns"),
     ("max-wait", _seconds, "30", "longest wait= of a long-poll read, in seconds"),
     ("timeout", _seconds, "30", "seconds a connection may sit idle or half-sent"),
+    ("head-timeout", _seconds, "10", "seconds a request's head (request line and headers) may take to arrive "
+                                     "in all; past it, 408 and the connection is closed"),
+    ("max-head", _positive_int, "65536", "largest request head (request line and headers) in bytes; past it, "
+                                        "431 and the connection is closed"),
+    ("max-connections", _positive_int, "1000", "most connections at once; past it a new one gets 503 and is closed"),
+    ("max-answer", _positive_int, "16777216", "most bytes of events a read answers, and of a list: fewer "
+                                              "events or items, never an error (a read gets one at least)"),
+    ("max-list", _positive_int, "1000", "most items of a list in an answer (streams, consumers, an event's "
+                                        "consumerIds)"),
+    ("allowed-hosts", _host_names, None, "comma-separated Host names to answer besides loopback ones "
+                                         "(localhost, 127.0.0.1, [::1]); bound to another address than "
+                                         "loopback, every name is answered unless this is given"),
     ("quiet", _switch, "no", "no access log on stderr"),
     ("certfile", _text, None, "serve HTTPS with this PEM certificate chain"),
     ("keyfile", _text, None, "the private key of --certfile"),
@@ -215,12 +239,12 @@ def parse_config(argv, environ):
 # Errors ######################################################################
 
 REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-    405: "Method Not Allowed", 409: "Conflict",
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     411: "Length Required", 413: "Payload Too Large", 414: "URI Too Long",
     423: "Locked", 431: "Request Header Fields Too Large",
     500: "Internal Server Error",
-    503: "Service Unavailable", 505: "HTTP Version Not Supported",
+    503: "Service Unavailable", 505: "HTTP Version Not Supported", 507: "Insufficient Storage",
 }
 
 
@@ -542,7 +566,10 @@ def parse_envelopes(value):
 #   parses its requests, checks them, reads from SQLite on a reader connection
 #   from the pool, and answers its own client. A write it hands to the writer
 #   thread as a ticket, and sleeps until the ticket is committed or refused;
-#   then it answers, itself. No other thread ever touches its socket.
+#   then it answers, itself. No other thread writes to its socket.
+# - The deadlines thread, one per Server (HeadDeadlines): shuts down the
+#   reading side of a connection whose request head is late, which wakes its
+#   connection thread to answer 408; it never writes to a socket.
 # - The writer thread, one per Store (GroupCommit). It alone uses the write
 #   connection and changes the committed state kept in memory. It takes every
 #   queued ticket at once, runs their work in one transaction (group commit),
@@ -552,7 +579,10 @@ def parse_envelopes(value):
 #   up anybody's write.
 # - The log thread, one per process (LogLines): writes log lines to stderr from
 #   a bounded queue; when stderr blocks, lines are dropped and counted.
-# - The accept thread (serve_forever) and the main thread (signals, stopping).
+# - The accept thread (serve_forever): starts a connection thread per
+#   connection up to --max-connections, refuses the others with a 503 sent
+#   without waiting, and waits a moment when no descriptor is left.
+# - The main thread (signals, stopping).
 #
 # Locks
 # - GroupCommit.lock, the write lock: held by the writer thread for each
@@ -563,6 +593,9 @@ def parse_envelopes(value):
 #   thread releases it, after the commit.
 # - Waiters' lock: the long polls registered per (stream, event name).
 # - Store's quick-read turn: short reads take turns inside SQLite.
+# - A connection's head_lock: taking it out of HeadDeadlines' table and, if
+#   late, shutting its reading side are one step (see HeadDeadlines).
+# - Server's connection count lock: the count checked against --max-connections.
 # The committed state in memory (streams, counts, offsets) is written by the
 # writer thread only, after its commit, and read without a lock: a reader may
 # see the state of the commit before, never a state that is not committed.
@@ -1504,7 +1537,10 @@ PERIODS = {"6hour": 6, "24hour": 24, "2day": 48, "7day": 7 * 24, "14day": 14 * 2
 PERIOD_LIMIT = 1000
 
 MAX_HEADERS = 100
-MAX_LINE = 65536
+MAX_LINE = 65536  # a chunk-size or trailer line of a chunked body
+# A request line: a method token, the target (visible ASCII), the version, one space between.
+_REQUEST_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([!-~]+) (HTTP/[0-9]\.[0-9])\Z")
+HEAD_READ, HEAD_REFUSED, HEAD_CUT = "read", "refused", "cut"  # what parse_request made of a head
 _SINGLE_HEADERS = {"content-length", "transfer-encoding", "authorization", "content-type", "host"}
 
 LINGER_SECONDS, LINGER_BYTES = 2.0, 64 * 1048576  # see Handler._linger
@@ -1857,6 +1893,47 @@ class Router:
             raise bad_request("path is not valid UTF-8 after percent-decoding") from None
 
 
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}  # they change nothing: any page may send them
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _split_host(text):
+    """(name, port or None) of a Host header or an Origin's authority:
+    lowercase, without brackets, user information or a final dot."""
+    text = text.rpartition("@")[2].strip().lower()
+    if text.startswith("["):
+        name, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif text.count(":") == 1:
+        name, _, port = text.partition(":")
+    else:
+        name, port = text, None
+    return name.rstrip("."), port or None
+
+
+def _is_loopback_name(name):
+    """localhost (and its subdomains, RFC 6761), 127.0.0.0/8 or ::1."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _same_origin(origin, host):
+    """Whether an Origin header names the server the request was sent to
+    (its Host): the same name, and the same port where either gives one."""
+    scheme, sep, authority = origin.strip().partition("://")
+    if not sep or host is None:
+        return False  # "null" (a sandboxed or file: page), or nothing to compare with
+    default = DEFAULT_PORTS.get(scheme.lower())
+    origin_name, origin_port = _split_host(authority)
+    host_name, host_port = _split_host(host)
+    return origin_name == host_name and (origin_port or default) == (host_port or default)
+
+
 class App:
     """The server's state shared by all requests: config, store, the
     dialect and its router, and the count of requests in flight (so
@@ -1872,6 +1949,38 @@ class App:
         self._user = config.user.encode("utf-8")
         self._password = config.password.encode("utf-8")
         self._expected = ("Basic " + base64.b64encode(self._user + b":" + self._password).decode()).encode()
+        # Bound to loopback, or told its names: only those Hosts are answered (see check_host).
+        self._hosts_checked = config.allowed_hosts is not None or _is_loopback_name(config.host.lower())
+        self._hosts = LOOPBACK_HOSTS | (config.allowed_hosts or frozenset())
+        self._hosts_seen = set()
+
+    def check_host(self, host):
+        """403 for a Host this server is not known by. A page of another
+        site whose name the attacker points at this address (DNS
+        rebinding) sends its own name: without this check it could read
+        and write a server on loopback with the browser's credentials."""
+        if host is None or not self._hosts_checked or host in self._hosts_seen:
+            return  # HTTP/1.0 without Host: no browser sends that
+        name, _ = _split_host(host)
+        if name not in self._hosts and not _is_loopback_name(name):
+            raise HTTPError(403, f"Host {host[:100]} is not a name of this server (see --allowed-hosts)")
+        if len(self._hosts_seen) < 64:
+            self._hosts_seen.add(host)  # answered before: the usual Host needs no parsing
+
+    def check_origin(self, headers, host):
+        """403 for a request that changes something and comes from a page of
+        another origin (a form on another site, in a browser holding the
+        user's credentials: CSRF). Browsers say where a request comes from
+        (Origin, Sec-Fetch-Site); clients that say nothing are not browsers."""
+        origin, fetch_site = headers.get("Origin"), headers.get("Sec-Fetch-Site")
+        if origin is None and fetch_site is None:
+            return
+        if fetch_site is not None and fetch_site.strip().lower() == "cross-site":
+            raise HTTPError(403, "cross-origin request (Sec-Fetch-Site: cross-site): only this server's "
+                                 "own pages may change anything")
+        if origin is not None and not _same_origin(origin, host):
+            raise HTTPError(403, f"cross-origin request (Origin {origin[:100]}): only this server's "
+                                 "own pages may change anything")
 
     def authorized(self, header):
         """Basic auth, compared in constant time."""
@@ -1941,54 +2050,95 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self._body_unread = False
+        self.head_lock = threading.Lock()  # see HeadDeadlines
         seconds = self.server.app.config.timeout
         if isinstance(self.connection, ssl.SSLSocket):
             self.connection.settimeout(seconds or None)
-            self.connection.do_handshake()
+            self.server.deadlines.watch(self)  # a handshake dripped byte by byte ends too
+            try:
+                self.connection.do_handshake()
+            finally:
+                self.server.deadlines.unwatch(self)
         elif seconds:
             _kernel_timeout(self.connection, seconds)
 
+    def handle_one_request(self):
+        """Wait (up to --timeout) for a request to begin, then read its head
+        against the head deadline and budget, then dispatch it."""
+        try:
+            if not self.rfile.peek(1):  # idle past the timeout, or hung up: close quietly
+                self.close_connection = True
+                return
+            deadlines = self.server.deadlines
+            deadlines.watch(self)
+            try:
+                head = self.parse_request()
+            finally:
+                in_time = deadlines.unwatch(self)
+            if not in_time and head is not HEAD_REFUSED:
+                self.send_error(408, f"the request head did not arrive within "
+                                     f"{self.server.app.config.head_timeout:g} s")
+            elif head is HEAD_READ:
+                self._dispatch()
+        except CLIENT_GONE:
+            self.close_connection = True
+
     def parse_request(self):
-        """The request line and headers. The standard library parses headers
-        with the email package, which costs more than all the rest of a small
-        request; a header is one line here, so a split does."""
+        """The request line and headers, within the head budget (--max-head in
+        all, so a connection that never authenticates holds at most that):
+        HEAD_READ, HEAD_REFUSED (answered) or HEAD_CUT (nobody to answer).
+        The standard library parses headers with the email package, which
+        costs more than all the rest of a small request; a header is one line
+        here, so a split does."""
         self.command, self.request_version, self.close_connection = None, "HTTP/1.1", True
-        if not self.raw_requestline.endswith(b"\n"):
-            return False  # cut off by the timeout or a hang-up: nobody to answer
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3 or not words[2].startswith("HTTP/"):
-            self.send_error(400, f"bad request line {self.requestline[:100]!r}")
-            return False
-        self.command, self.path, version = words
-        if not self.path.isascii():
-            self.send_error(400, "the request target must be ASCII: percent-encode other characters")
-            return False
+        budget = self.server.app.config.max_head
+        readline = self.rfile.readline
+        self.raw_requestline = line = readline(budget + 1)
+        used = len(line)
+        if used > budget:
+            return self._refuse_head(431, f"the request head is larger than {budget} bytes")
+        if not line.endswith(b"\n"):
+            return HEAD_CUT  # cut off by a timeout or a hang-up: nobody to answer
+        self.requestline = str(line, "iso-8859-1").rstrip("\r\n")
+        words = _REQUEST_LINE.match(self.requestline)
+        if words is None:
+            if not self.requestline.isascii():
+                return self._refuse_head(400, "the request target must be ASCII: percent-encode other characters")
+            return self._refuse_head(400, f"bad request line {self.requestline[:100]!r}")
+        self.command, target, version = words.groups()
         if version not in ("HTTP/1.1", "HTTP/1.0"):
-            self.send_error(505, f"{version[:20]} is not supported")
-            return False
+            return self._refuse_head(505, f"{version} is not supported")
         self.request_version = version
-        headers, readline = Headers(), self.rfile.readline
+        self.path, self.authority = _origin_form(target)
+        headers = Headers()
         for _ in range(MAX_HEADERS + 1):
-            line = readline(MAX_LINE + 1)
+            line = readline(budget - used + 1)
+            used += len(line)
             if line == b"\r\n" or line == b"\n":
                 break
-            if not line.endswith(b"\n") and len(line) <= MAX_LINE:
-                return False  # cut off by the timeout or a hang-up: nobody to answer
+            if used > budget:
+                return self._refuse_head(431, f"the request head is larger than {budget} bytes")
+            if not line.endswith(b"\n"):
+                return HEAD_CUT
             name, colon, value = line.decode("latin-1").partition(":")
-            if len(line) > MAX_LINE or not colon or not name or name != name.strip():
-                self.send_error(431 if len(line) > MAX_LINE else 400, "bad header line")
-                return False
+            if not colon or not name or name != name.strip():
+                return self._refuse_head(400, "bad header line")
             if not headers.add(name, value.strip(" \t\r\n")):
-                self.send_error(400, f"header {name} appears twice")
-                return False
+                return self._refuse_head(400, f"header {name} appears twice")
         else:
-            self.send_error(431, f"more than {MAX_HEADERS} headers")
-            return False
+            return self._refuse_head(431, f"more than {MAX_HEADERS} headers")
         self.headers = headers
+        host = headers.get("Host")
+        if version == "HTTP/1.1" and not host:
+            return self._refuse_head(400, "an HTTP/1.1 request needs a Host header")
+        self.host = self.authority if self.authority is not None else host
         connection = headers.get("Connection", "").lower()
         self.close_connection = connection == "close" or (version == "HTTP/1.0" and connection != "keep-alive")
-        return True
+        return HEAD_READ
+
+    def _refuse_head(self, status, detail):
+        self.send_error(status, detail)
+        return HEAD_REFUSED
 
     def _dispatch(self):
         app = self.server.app
@@ -2024,8 +2174,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         or the error's (never a traceback)."""
         dialect = app.dialect
         try:
+            app.check_host(self.host)
             path, _, query_text = self.path.partition("?")
             handler, params = dialect.route(app.router, self.command, path, query_text)
+            if self.command not in SAFE_METHODS:
+                app.check_origin(self.headers, self.host)
             dialect.check_headers(handler.__name__, self.headers)
             if handler.__name__ not in dialect.public and not app.authorized(self.headers.get("Authorization")):
                 raise dialect.unauthorized(handler.__name__, self.headers)
@@ -2056,7 +2209,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         length = digits_value(length_text.strip())
         if length > max_body:
             raise HTTPError(413, str(max_body))
-        if self.headers.get("Expect", "").lower() == "100-continue":
+        if self.request_version == "HTTP/1.1" and self.headers.get("Expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.rfile.read(length)
         if body is None or len(body) < length:  # the client stalled past the timeout, or hung up
@@ -2066,7 +2219,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_chunked(self, max_body):
         """A body sent in chunks (Transfer-Encoding: chunked), at most max_body bytes."""
-        if self.headers.get("Expect", "").lower() == "100-continue":
+        if self.request_version == "HTTP/1.1" and self.headers.get("Expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = bytearray()
         while True:
@@ -2101,6 +2254,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if reply.content_type is not None:
             lines.append(f"Content-Type: {reply.content_type}")
         lines.append(f"Content-Length: {len(reply.body)}")
+        lines.append("X-Content-Type-Options: nosniff")  # a browser takes JSON for JSON, never for a page
         lines.extend(f"{name}: {value}" for name, value in reply.headers)
         if self.close_connection:
             lines.append("Connection: close")
@@ -2176,21 +2330,164 @@ def _kernel_timeout(sock, seconds):
         sock.settimeout(seconds)
 
 
+def _origin_form(target):
+    """(path, authority) of a request target. An absolute-form target
+    (http://host:port/path), which a server must accept (RFC 9112 3.2.2),
+    gives its authority, which then stands for the Host header."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return target, None
+    end = len(rest)
+    for mark in "/?":
+        found = rest.find(mark)
+        if 0 <= found < end:
+            end = found
+    path = rest[end:]
+    return (path if path.startswith("/") else "/" + path), rest[:end]
+
+
+class HeadDeadlines:
+    """The connections whose request head (or TLS handshake) is arriving,
+    each with the moment it must be whole by (--head-timeout), and the
+    thread that holds them to it. The kernel's read timeout (--timeout)
+    cannot: it starts again with every byte, so a client dripping a byte a
+    second would hold its connection and thread for good. A connection past
+    its deadline has its reading side shut down, which wakes its thread from
+    the read; that thread answers 408 and closes. Whoever takes a connection
+    out of the table first, its own thread (in time) or this one (late),
+    decides; the connection's head_lock makes taking it out and shutting it
+    down one step, so a connection its thread has closed is never touched."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self._arriving = {}  # Handler -> deadline (time.monotonic()); in order of their deadlines
+        self._stopped = threading.Event()
+        if seconds:
+            threading.Thread(target=self._run, name="deadlines", daemon=True).start()
+
+    def watch(self, handler):
+        if self.seconds:
+            self._arriving[handler] = time.monotonic() + self.seconds
+
+    def unwatch(self, handler):
+        """True when the head arrived in time (or there is no deadline)."""
+        if not self.seconds:
+            return True
+        with handler.head_lock:
+            return self._arriving.pop(handler, None) is not None
+
+    def _run(self):
+        tick = min(0.25, self.seconds / 4)
+        while not self._stopped.wait(tick):
+            now = time.monotonic()
+            for handler, deadline in list(self._arriving.items()):  # a copy: list() of a dict is atomic
+                if deadline > now:
+                    break
+                with handler.head_lock:
+                    if self._arriving.pop(handler, None) is not None:
+                        with contextlib.suppress(OSError):
+                            socket.socket.shutdown(handler.connection, socket.SHUT_RD)
+
+    def close(self):
+        self._stopped.set()
+
+
+# accept() errors that mean the process (EMFILE) or the system (ENFILE) has no descriptor
+# or buffer left: the connection stays in the backlog, so retrying at once would spin.
+OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+ACCEPT_BACKOFF_SECONDS = 0.1  # the longest the accept loop waits for a descriptor to be freed
+WARN_EVERY_SECONDS = 60.0  # how often the server says again that it is full or out of descriptors
+
+
 class Server(http.server.ThreadingHTTPServer):
-    """A thread per connection; a backlog long enough for bursts."""
+    """A thread per connection, at most --max-connections of them (past
+    that, a new connection gets 503 at once and is closed); a backlog long
+    enough for bursts. When accept() finds no file descriptor left, the
+    accept loop waits until a connection closes (or ACCEPT_BACKOFF_SECONDS)
+    instead of retrying at once."""
 
     request_queue_size = 1024  # the default of 5 pushes p99 past a second under load
     daemon_threads = True
 
     def __init__(self, address, app):
         self.app = app
+        self.deadlines = HeadDeadlines(app.config.head_timeout)
+        self._connections = 0
+        self._connections_lock = threading.Lock()
+        self._connection_closed = threading.Event()  # descriptors may be free again
+        self._warned = {}  # what was last warned about -> when (time.monotonic())
         super().__init__(address, Handler)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as error:
+            if error.errno in OUT_OF_DESCRIPTORS:
+                self._warn("descriptors", f"cannot accept connections: {error.strerror} "
+                                          "(raise the limit, ulimit -n, or lower --max-connections)")
+                self._connection_closed.wait(ACCEPT_BACKOFF_SECONDS)
+                self._connection_closed.clear()
+            raise
+
+    def process_request(self, request, client_address):
+        with self._connections_lock:
+            full = self._connections >= self.app.config.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            self._warn("full", f"{self._connections} connections, the most --max-connections allows: "
+                               "new ones get 503")
+            _refuse_connection(request, f"the server has {self.app.config.max_connections} connections, "
+                                        "its most: try again")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # its thread did not start
+            self._closed()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed()
+
+    def _closed(self):
+        with self._connections_lock:
+            self._connections -= 1
+        self._connection_closed.set()
+
+    def _warn(self, what, message):
+        now = time.monotonic()
+        if now - self._warned.get(what, -WARN_EVERY_SECONDS) >= WARN_EVERY_SECONDS:
+            self._warned[what] = now
+            log.warning("%s", message)
+
+    def server_close(self):
+        super().server_close()
+        self.deadlines.close()
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
         if isinstance(error, CLIENT_GONE):
             return
         log.error("error serving %s", client_address[0], exc_info=True)
+
+
+def _refuse_connection(sock, detail):
+    """(In the accept thread.) A 503 for a connection past the cap, sent
+    without waiting; over TLS, before any handshake, just the close."""
+    if isinstance(sock, ssl.SSLSocket):
+        return
+    body = _REPLY_JSON.encode(HTTPError(503, detail).text).encode("utf-8")
+    head = (f"HTTP/1.1 503 {REASONS[503]}\r\nServer: {Handler.server_version}\r\nContent-Type: {JSON_TYPE}\r\n"
+            f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\nRetry-After: 1\r\n"
+            "Connection: close\r\n\r\n")
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(head.encode("latin-1") + body)
+        sock.recv(65536)  # what the client sent already: closing on unread data would reset the answer away
 
 
 def make_server(config, store):
@@ -3682,10 +3979,11 @@ refresh();
 </html>
 """
 
-DASHBOARD_HEADERS = (
+DASHBOARD_HEADERS = (  # no page of another site may frame it (clickjacking)
     ("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
-                                " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'"),
-    ("X-Content-Type-Options", "nosniff"),
+                                " connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none';"
+                                " frame-ancestors 'none'"),
+    ("X-Frame-Options", "DENY"),
     ("Cache-Control", "no-store"),
 )
 

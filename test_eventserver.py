@@ -9,6 +9,7 @@ import base64
 import calendar
 import datetime
 import concurrent.futures
+import contextlib
 import gzip
 import http.client
 import json
@@ -82,7 +83,7 @@ def _wait_for(condition, seconds=10):
 def raw_publish(stream, headers, body=""):
     """The text of a publish request, as a client would send it, for tests
     that speak HTTP at the byte level: the usual headers, then these."""
-    return (f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+    return (f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\nHost: localhost\r\nAuthorization: {basic()}\r\n"
             f"Content-Type: application/json\r\nX-Producer-ID: p\r\n{headers}\r\n{body}")
 
 
@@ -637,7 +638,7 @@ class ConcurrencyTest(ServerTest):
         for loader in loaders:
             loader.start()
         body = json.dumps(envelope("Piped")).encode()
-        head = f"Host: t\r\nAuthorization: {basic()}\r\n"
+        head = f"Host: localhost\r\nAuthorization: {basic()}\r\n"
         publish = (f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\n{head}Content-Type: application/json\r\n"
                    f"X-Producer-ID: piper\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
         read = (f"GET /api/v1/streams/{stream}/events?eventName=Piped&limit=1000 HTTP/1.1\r\n{head}"
@@ -931,14 +932,14 @@ class ConventionsTest(ServerTest):
         self.assert_error(response, 400, starts="Bad Request - offset")
 
     def test_request_target_must_be_ascii(self):
-        answer = self.raw("POST /api/v1/streams/ü/events HTTP/1.1\r\nHost: t\r\n\r\n".encode("utf-8"))
+        answer = self.raw("POST /api/v1/streams/ü/events HTTP/1.1\r\nHost: localhost\r\n\r\n".encode("utf-8"))
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
         self.assertEqual(self.client.request("GET", "/api/v1/streams").status, 200)
         self.assertNotIn("Ã", self.client.request("GET", "/api/v1/streams").body.decode())
 
     def test_head_gets_no_body_and_the_connection_goes_on(self):
         with socket.create_connection(("127.0.0.1", self.live.port), timeout=10) as sock:
-            sock.sendall(b"HEAD /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\nGET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
+            sock.sendall(b"HEAD /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\nGET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             data = b""
             while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
                 chunk = sock.recv(65536)
@@ -965,7 +966,7 @@ class ConventionsTest(ServerTest):
 
     def test_slow_and_idle_clients_do_not_block_others(self):
         partial = [b"GET /api/v1/hea", b"POST /api/v1/streams/x/events HTTP/1.1\r\nContent-Length: 100\r\n\r\n{",
-                   b"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: x\r\n"]
+                   b"POST /api/v1/streams/x/events HTTP/1.1\r\nHost: localhost\r\n"]
         sockets = []
         try:
             for index in range(60):
@@ -1068,6 +1069,294 @@ class HealthFailureTest(ServerTest):
         self.assertIn("removed", response.json["error"])
         os.rename(self.live.db + ".moved", self.live.db)
         self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+
+
+# Limits and the browser (SPEC 6) ##############################################
+
+def _connect(port):
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _answer_and_close(sock):
+    """What the server sends until it closes the connection (b"" if it just closes)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _served_at_once(port):
+    """Whether a new client gets its answer within a second (the issue's bar)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        conn.request("GET", "/api/v1/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+class HeadLimitsTest(ServerTest):
+    """A request's head arrives whole within a deadline and a byte budget."""
+
+    flags = ("--head-timeout", "0.3", "--timeout", "5")
+
+    def test_a_head_over_the_budget_is_431_and_closed_before_it_is_all_read(self):
+        header = b"X-Filler: " + b"a" * 30000 + b"\r\n"  # 3 of them: within the line limit, over 64 KiB in all
+        socks = [_connect(self.live.port) for _ in range(20)]
+        try:
+            for sock in socks:
+                sock.sendall(b"GET /api/v1/streams HTTP/1.1\r\nHost: localhost\r\n" + header * 3)
+            self.assertTrue(_served_at_once(self.live.port))
+            for sock in socks:  # never finished, yet answered and closed: the budget is for the head in all
+                answer = _answer_and_close(sock)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer[:100])
+                self.assertIn(b"larger than 65536 bytes", answer)
+        finally:
+            for sock in socks:
+                sock.close()
+
+    def test_a_head_within_the_budget_is_served(self):
+        response = self.client.request("GET", "/api/v1/health", headers={"X-Filler": "a" * 60000})
+        self.assertEqual(response.status, 200)
+
+    def test_heads_dripped_byte_by_byte_are_408_at_the_deadline_and_others_are_served(self):
+        head = b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 1000
+        socks = [_connect(self.live.port) for _ in range(100)]
+        try:
+            answers, sent = {}, 0
+            for sock in socks:
+                sock.setblocking(False)
+            while len(answers) < len(socks) and sent < len(head):
+                for sock in socks:  # a byte per connection every 20 ms: never idle for --timeout
+                    if sock in answers:
+                        continue
+                    try:
+                        answers[sock] = sock.recv(65536)  # the server answered, or closed
+                    except BlockingIOError:
+                        with contextlib.suppress(OSError):
+                            sock.send(head[sent:sent + 1])
+                sent += 1
+                if sent == 3:
+                    self.assertTrue(_served_at_once(self.live.port))  # while all of them drip
+                time.sleep(0.02)
+            self.assertEqual(len(answers), len(socks), "connections still held past the head deadline")
+            self.assertEqual({answer[:13] for answer in answers.values()}, {b"HTTP/1.1 408 "})
+        finally:
+            for sock in socks:
+                sock.close()
+
+    def test_an_idle_keep_alive_connection_waits_for_timeout_not_the_head_deadline(self):
+        self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+        sock = self.client.conn.sock
+        time.sleep(0.4)  # longer than --head-timeout: the next head has not begun, so it is not late
+        self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+        self.assertIs(self.client.conn.sock, sock)
+
+
+class ConnectionCapTest(ServerTest):
+
+    flags = ("--max-connections", "5")
+
+    def test_past_the_cap_a_new_connection_gets_503_at_once_and_is_served_when_one_closes(self):
+        held = [_connect(self.live.port) for _ in range(5)]
+        try:
+            _wait_for(lambda: self.live.server._connections == 5)
+            with self.assertLogs("eventserver", "WARNING") as logs, _connect(self.live.port) as sock:
+                sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                answer = _answer_and_close(sock)
+            self.assertIn("new ones get 503", logs.output[0])
+            self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+            self.assertIn(b"X-Content-Type-Options: nosniff", answer)
+            self.assertIn(b'"Service Unavailable - the server has 5 connections, its most: try again"', answer)
+            held.pop().close()
+            _wait_for(lambda: self.live.server._connections == 4)
+            self.assertTrue(_served_at_once(self.live.port))
+        finally:
+            for sock in held:
+                sock.close()
+
+
+class DescriptorLimitTest(unittest.TestCase):
+    """Under `prlimit --nofile=256`, more connections than descriptors."""
+
+    def test_out_of_descriptors_the_accept_loop_waits_and_serves_again_once_they_close(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet",
+                          db=os.path.join(tmp.name, "events.db"), prefix=["prlimit", "--nofile=256"])
+        self.addCleanup(process.stop)
+        process.wait_listening()
+        socks = []
+        try:
+            for _ in range(300):  # idle: each holds a descriptor (and a thread) for --timeout
+                socks.append(_connect(process.port))
+            _wait_for(lambda: len(os.listdir(f"/proc/{process.proc.pid}/fd")) >= 250)
+            started, cpu = time.monotonic(), _cpu_seconds(process.proc.pid)
+            time.sleep(0.5)  # the accept loop meets EMFILE all along
+            busy = (_cpu_seconds(process.proc.pid) - cpu) / (time.monotonic() - started)
+            self.assertLess(busy, 0.5, "the accept loop spins on EMFILE")
+        finally:
+            for sock in socks:
+                sock.close()
+        _wait_for(lambda: _served_at_once(process.port))
+
+
+def _cpu_seconds(pid):
+    """CPU time (user + system) a process has used, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RequestLineTest(ServerTest):
+
+    def raw(self, data):
+        with _connect(self.live.port) as sock:
+            sock.sendall(data)
+            return _answer_and_close(sock)
+
+    def test_only_a_space_separates_the_parts_of_the_request_line(self):
+        for line in (b"GET\t/api/v1/health\tHTTP/1.1", b"GET\xa0/api/v1/health\xa0HTTP/1.1",
+                     b"GET\x0b/api/v1/health\x0cHTTP/1.1", b"GET  /api/v1/health HTTP/1.1",
+                     b"GET /api/v1/health HTTP/1.1 ", b"GET /api/v1/\x1b[31mhealth HTTP/1.1"):
+            with self.subTest(line=line):
+                answer = self.raw(line + b"\r\nHost: localhost\r\n\r\n")
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        answer = self.raw(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+
+    def test_http_1_1_without_host_is_400_and_http_1_0_without_host_is_served(self):
+        answer = self.raw(b"GET /api/v1/health HTTP/1.1\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertIn(b"Host header", answer)
+        answer = self.raw(b"GET /api/v1/health HTTP/1.0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+
+    def test_absolute_form_targets_are_accepted_and_their_host_is_checked(self):
+        port = self.live.port
+        answer = self.raw(f"GET http://localhost:{port}/api/v1/health HTTP/1.1\r\nHost: localhost\r\n"
+                          f"Connection: close\r\n\r\n".encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+        answer = self.raw(f"GET HTTP://127.0.0.1:{port}?x=1 HTTP/1.1\r\nHost: localhost\r\n"
+                          f"Authorization: {basic()}\r\nConnection: close\r\n\r\n".encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)  # the dashboard, at "/"
+        answer = self.raw(b"GET http://evil.example/api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer)
+
+    def test_expect_100_continue_on_http_1_0_gets_no_100(self):
+        body = json.dumps(envelope()).encode()
+        head = raw_publish(fresh(), f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n")
+        answer = self.raw(head.replace(" HTTP/1.1\r\n", " HTTP/1.0\r\n", 1).encode() + body)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)  # no "100 Continue" first
+
+    def test_every_answer_says_nosniff(self):
+        for method, path, auth in (("GET", "/api/v1/streams", True), ("GET", "/api/v1/health", False),
+                                   ("GET", "/api/v1/nope", True), ("GET", "/api/v1/streams", False),
+                                   ("GET", "/", True)):
+            with self.subTest(path=path, auth=auth):
+                response = self.client.request(method, path, auth=auth)
+                self.assertEqual(response.headers["X-Content-Type-Options"], "nosniff")
+        answer = self.raw(b"GET\t/ HTTP/1.1\r\n\r\n")
+        self.assertIn(b"\r\nX-Content-Type-Options: nosniff\r\n", answer)
+
+    def test_the_dashboard_may_not_be_framed(self):
+        response = self.client.request("GET", "/")
+        self.assertEqual(response.headers["X-Frame-Options"], "DENY")
+        self.assertIn("frame-ancestors 'none'", response.headers["Content-Security-Policy"])
+
+
+class CrossOriginTest(ServerTest):
+    """A browser's request from a page of another site changes nothing;
+    a page of another site under a name pointed at loopback reads nothing."""
+
+    FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+    def setUp(self):
+        super().setUp()
+        self.stream = fresh()
+        for _ in range(6):
+            self.publish_ok(self.stream)
+        self.seek_to(5)
+
+    def seek_to(self, offset, **headers):
+        return self.client.request("POST", f"/api/v1/{quote(self.stream)}/victim/OrderPlaced/change/{offset}",
+                                   "", {**self.FORM, **headers})
+
+    def offset(self):
+        rows = self.client.request("GET", f"/api/v1/consumers/{quote(self.stream)}").json
+        return [row["offset"] for row in rows if row["consumerId"] == "victim"][0]
+
+    def test_a_cross_site_form_post_cannot_seek(self):
+        own = f"http://127.0.0.1:{self.live.port}"
+        for headers in ({"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site", "Referer": "http://evil.example/"},
+                        {"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"},
+                        {"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-site"},  # another local port
+                        {"Origin": "https://127.0.0.1"}, {"Origin": own + ".evil.example"}):
+            with self.subTest(headers=headers):
+                response = self.seek_to(0, **{k.replace("_", "-"): v for k, v in headers.items()})
+                self.assert_error(response, 403, starts="Forbidden - cross-origin request")
+                self.assertEqual(self.offset(), 5)
+        self.assertEqual(self.seek_to(4, Origin=own, **{"Sec-Fetch-Site": "same-origin"}).status, 200)
+        self.assertEqual(self.offset(), 4)
+        self.assertEqual(self.seek_to(3).status, 200)  # no Origin: curl, SDKs
+        self.assertEqual(self.offset(), 3)
+
+    def test_a_cross_site_ack_or_publish_is_refused(self):
+        event = self.client.read(self.stream, consumer="victim").json[0]["eventId"]
+        response = self.client.request("POST", f"/api/v1/streams/{quote(self.stream)}/events/{event}", "action=ACK",
+                                       {**self.FORM, "X-Consumer-ID": "victim", "Origin": "http://evil.example"})
+        self.assert_error(response, 403)
+        self.assertEqual(self.offset(), 5)
+        response = self.client.publish(self.stream, headers={"Sec-Fetch-Site": "cross-site"})
+        self.assert_error(response, 403)
+        self.assertEqual(len(self.client.read(self.stream, limit=100, consumer="new").json), 6)
+
+    def test_reads_from_another_origin_are_answered(self):
+        response = self.client.request("GET", "/api/v1/streams", headers={"Origin": "http://evil.example",
+                                                                         "Sec-Fetch-Site": "cross-site"})
+        self.assertEqual(response.status, 200)
+
+    def test_a_rebinding_host_is_403_and_loopback_names_are_served(self):
+        port = self.live.port
+        for host in ("evil.example", f"evil.example:{port}", "attacker.test:80", "127.0.0.1.evil.example"):
+            with self.subTest(host=host):
+                self.assert_error(self.client.request("GET", "/api/v1/streams", headers={"Host": host}), 403,
+                                  starts="Forbidden - Host")
+                self.assertEqual(self.client.request("GET", "/api/v1/health", headers={"Host": host}).status, 403)
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost", "LOCALHOST.",
+                     "127.0.0.2:1", "app.localhost"):
+            with self.subTest(host=host):
+                self.assertEqual(self.client.request("GET", "/api/v1/streams", headers={"Host": host}).status, 200)
+
+
+class AllowedHostsTest(ServerTest):
+
+    flags = ("--allowed-hosts", "events.test, Other.Test")
+
+    def test_allowed_hosts_are_answered_besides_loopback(self):
+        for host, status in (("events.test:8000", 200), ("other.test", 200), ("localhost", 200),
+                             ("evil.example", 403)):
+            with self.subTest(host=host):
+                self.assertEqual(self.client.request("GET", "/api/v1/streams", headers={"Host": host}).status, status)
+
+    def test_hosts_are_checked_on_other_addresses_only_when_named(self):
+        def config(*flags):
+            return eventserver.parse_config(["--user", USER, "--password", PASSWORD, "--host", "0.0.0.0", *flags], {})
+
+        open_app = eventserver.App(config(), self.live.store)  # serving a network, no names given: any Host
+        open_app.check_host("events-server:8000")
+        named = eventserver.App(config("--allowed-hosts", "events.test"), self.live.store)
+        named.check_host("events.test:8000")
+        with self.assertRaises(eventserver.HTTPError) as refused:
+            named.check_host("events-server:8000")
+        self.assertEqual(refused.exception.status, 403)
 
 
 # The Go server's other endpoints (SPEC 4) #####################################
@@ -1647,7 +1936,7 @@ class GoRoutingTest(GoModeTest):
     def test_go_chunked_body_is_read(self):
         stream, body = go_fresh(), json.dumps(envelope()).encode()
         with socket.create_connection(("127.0.0.1", self.live.port)) as sock:
-            sock.sendall(f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\nHost: t\r\nAuthorization: {basic()}\r\n"
+            sock.sendall(f"POST /api/v1/streams/{stream}/events HTTP/1.1\r\nHost: localhost\r\nAuthorization: {basic()}\r\n"
                          f"Content-Type: {GO_TYPE}\r\nAccept: {GO_TYPE}\r\nX-Producer-ID: {PRODUCER}\r\n"
                          f"Transfer-Encoding: chunked\r\n\r\n".encode()
                          + b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7))
@@ -2409,7 +2698,7 @@ class OperationsTest(unittest.TestCase):
         with socket.create_connection(("127.0.0.1", process.port), timeout=15) as sock:
             answers = sock.makefile("rb")
             for _ in range(requests // 500):
-                sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n" * 500)
+                sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n" * 500)
                 self.assertEqual({_read_reply(answers)[0] for _ in range(500)}, {200})
         metrics = Client(process.port).request("GET", "/api/v1/metrics").body.decode()
         dropped = int(re.search(r"^log_lines_dropped_total (\d+)$", metrics, re.M).group(1))
@@ -2445,7 +2734,7 @@ class OperationsTest(unittest.TestCase):
         conn.close()
         # plain HTTP to the TLS port is refused without disturbing the server
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             sock.recv(100)
         conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
         conn.request("GET", "/api/v1/health")
@@ -2471,10 +2760,10 @@ class OperationsTest(unittest.TestCase):
 class Process:
     """eventserver.py as a subprocess, as a user starts it."""
 
-    def __init__(self, *args, env=None, db=None):
+    def __init__(self, *args, env=None, db=None, prefix=()):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH_", "EVENTSERVER_"))}
         self.env.update(env or {})
-        command = [sys.executable, SERVER, *args]
+        command = [*prefix, sys.executable, SERVER, *args]  # prefix: e.g. prlimit, which execs it (same pid)
         if db:
             command += ["--db", db]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
