@@ -19,6 +19,7 @@ on the wire, so bind to loopback (the default) or serve HTTPS with
 import argparse
 import base64
 import binascii
+import bisect
 import calendar
 import codecs
 import collections
@@ -31,6 +32,7 @@ import hashlib
 import hmac
 import http.server
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -733,6 +735,25 @@ def _inserts(table, rows, conflict=""):
 
 
 EVENT_COLUMNS = "events (event_id, stream_id, event_name, sequence, envelope, payload_start, payload_size, created_at)"
+EVENT_ID_BYTES = 50  # what an event's "eventId" and its comma add to its envelope in a read's answer
+# A read's answer, ?1 stream_id, ?2 event_name, sequences ?3 + 1 to ?4: a JSON array of the stored
+# envelopes, each with "eventId" spliced in first, and "sequence event_id" of each, comma-separated.
+_READ_ANSWER = ("SELECT '[' || group_concat('{\"eventId\":\"' || event_id || '\",' || substr(envelope, 2)) || ']',"
+                " group_concat(sequence || ' ' || event_id)")
+READ_ALL = (_READ_ANSWER + " FROM (SELECT event_id, envelope, sequence FROM events"
+            " WHERE stream_id = ?1 AND event_name = ?2 AND sequence > ?3 AND sequence <= ?4 ORDER BY sequence)")
+# The same, but no more than ?5 bytes of them (one at least): the events are walked one by one
+# (sequences have no gaps), adding up their sizes, and the walk stops once past ?5, so that a
+# read of many large events neither builds a huge answer nor reads the rest of them.
+READ_WITHIN = (
+    "WITH RECURSIVE walk (sequence, event_id, envelope, total) AS ("
+    f" SELECT sequence, event_id, envelope, length(CAST(envelope AS BLOB)) + {EVENT_ID_BYTES} FROM events"
+    "  WHERE stream_id = ?1 AND event_name = ?2 AND sequence = ?3 + 1"
+    " UNION ALL"
+    f" SELECT e.sequence, e.event_id, e.envelope, w.total + length(CAST(e.envelope AS BLOB)) + {EVENT_ID_BYTES}"
+    "  FROM walk w JOIN events e ON e.stream_id = ?1 AND e.event_name = ?2 AND e.sequence = w.sequence + 1"
+    "  WHERE w.total < ?5 AND w.sequence < ?4)"
+    + _READ_ANSWER + " FROM walk WHERE total <= ?5 OR sequence = ?3 + 1")
 OFFSET_COLUMNS = "consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)"
 OFFSET_UPSERT = (" ON CONFLICT (stream_id, event_name, consumer_id)"
                  " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at")
@@ -898,8 +919,9 @@ class ReadCache:
     """What reads learnt, kept for the requests after them. Events never
     change once stored, so what was read stays true:
 
-    - answers: (stream_id, event_name, offset, limit) -> (full, count, JSON
-      text) of a read. A full answer (limit events) holds for good; a shorter
+    - answers: (stream_id, event_name, offset, limit, max_bytes) -> (full, count, JSON
+      text) of a read. A full answer (limit events, or fewer when the next
+      would pass --max-answer) holds for good; a shorter
       one until the count of that name moves past the count read before its
       query. Only answers up to MAX_ANSWER_BYTES are kept, ANSWERS of them.
     - events: event_id -> (stream_id, event_name, sequence) of the events
@@ -919,8 +941,9 @@ class ReadCache:
             return kept[2]
         return None
 
-    def keep(self, key, limit, count, text, listed):
-        """Remember a read's answer and its (sequence, event_id) list."""
+    def keep(self, key, full, count, text, listed):
+        """Remember a read's answer and its (sequence, event_id) list; full:
+        it holds for good (limit events, or as many as its bytes allowed)."""
         stream_id, event_name = key[:2]
         if len(self._events) > RECENT_EVENTS:
             self._events.clear()
@@ -929,7 +952,7 @@ class ReadCache:
         if len(text) <= MAX_ANSWER_BYTES:
             if len(self._answers) >= ANSWERS:
                 self._answers.clear()
-            self._answers[key] = (len(listed) == limit, count, text)
+            self._answers[key] = (full, count, text)
 
     def event(self, event_id):
         """(stream_id, event_name, sequence) of an event lately read, or None."""
@@ -945,7 +968,7 @@ class _Transaction:
     SQLite's transaction begins only when a statement needs it (execute):
     often the batch's INSERT is all there is, and runs alone (see Store._write)."""
 
-    __slots__ = ("conn", "begun", "now", "events", "counts", "offsets", "streams")
+    __slots__ = ("conn", "begun", "now", "events", "counts", "sizes", "offsets", "streams")
 
     def __init__(self, conn):
         self.conn = conn
@@ -953,15 +976,16 @@ class _Transaction:
         self.now = utc_now()  # the time of every event and offset the transaction writes
         self.events = []  # rows of the events table, in order
         self.counts = {}  # (stream_id, event_name) -> count
+        self.sizes = {}  # (stream_id, event_name) -> the largest new envelope in bytes (or more)
         self.offsets = {}  # (stream_id, event_name, consumer_id) -> (offset, moved_at)
         self.streams = {}  # name -> (stream_id, producer_id)
 
     def snapshot(self):
-        return len(self.events), dict(self.counts), dict(self.offsets), dict(self.streams)
+        return len(self.events), dict(self.counts), dict(self.sizes), dict(self.offsets), dict(self.streams)
 
     def restore(self, saved):
         del self.events[saved[0]:]
-        self.counts, self.offsets, self.streams = saved[1:]
+        self.counts, self.sizes, self.offsets, self.streams = saved[1:]
 
     def execute(self, sql, parameters=()):
         """Run a statement in the transaction, beginning it if need be."""
@@ -994,6 +1018,9 @@ class Store:
         self._streams = {}  # name -> (stream_id, producer_id) of every stream; streams never change
         self._counts = {}  # (stream_id, event_name) -> events of that name, where any
         self._offsets = {}  # (stream_id, event_name, consumer_id) -> consumer offset, where one was set
+        # (stream_id, event_name) -> (first sequence committed by this process, the largest of those
+        # envelopes in bytes, or an upper bound): whether a read's events all fit in its byte budget.
+        self._sizes = {}
         self.cache = ReadCache()
         self.waiters = Waiters()
         self.closed = False
@@ -1021,6 +1048,7 @@ class Store:
                          in conn.execute("SELECT stream_id, name, producer_id FROM streams")}
         self._counts = {(stream_id, name): count for stream_id, name, count
                         in conn.execute("SELECT stream_id, event_name, count FROM event_counts")}
+        self._sizes = {key: (count + 1, 0) for key, count in self._counts.items()}
         self._offsets = {(stream_id, name, consumer_id): offset for stream_id, name, consumer_id, offset
                          in conn.execute("SELECT stream_id, event_name, consumer_id, consumer_offset"
                                          " FROM consumer_offsets")}
@@ -1153,6 +1181,9 @@ class Store:
             for ticket in batch:
                 ticket.result, ticket.error = None, failure
         else:
+            for key, size in tx.sizes.items():  # before the counts: a read takes the count, then the sizes
+                first, largest = self._sizes.get(key, (1, 0))
+                self._sizes[key] = (first, max(largest, size))
             self._counts.update(tx.counts)
             self._offsets.update((key, offset) for key, (offset, _) in tx.offsets.items())
             self._streams.update(tx.streams)
@@ -1259,54 +1290,71 @@ class Store:
         sequence of its name, to the transaction's events. Returns the sequences."""
         sequences = []
         for event_id, envelope, created_at in events:
-            sequence = tx.counts[stream_id, envelope.name] = self.count(tx, stream_id, envelope.name) + 1
+            key = (stream_id, envelope.name)
+            sequence = tx.counts[key] = self.count(tx, stream_id, envelope.name) + 1
+            text = envelope.text
+            size = len(text) if text.isascii() else 4 * len(text)  # UTF-8 takes 4 bytes a character at most
+            if size > tx.sizes.get(key, 0):
+                tx.sizes[key] = size
             tx.events.append((event_id, stream_id, envelope.name, sequence, envelope.text,
                               *envelope.payload_span, created_at))
             sequences.append(sequence)
         return sequences
 
-    def read(self, stream, event_name, consumer_id, limit):
+    def read(self, stream, event_name, consumer_id, limit, max_bytes):
         """The JSON text of up to limit events of that name past the
-        consumer's offset, oldest first (the stored text, spliced, not re-encoded)."""
+        consumer's offset, oldest first (the stored text, spliced, not
+        re-encoded), and no more than max_bytes of them: fewer events then,
+        but always one at least, so that no event is too big to be read."""
         stream_id = self._stream_id(stream)
         offset = self._offsets.get((stream_id, event_name, consumer_id), 0)
         count = self._counts.get((stream_id, event_name), 0)  # read before the query: see ReadCache
         if offset >= count:
             return "[]"  # nothing past the offset: no need to ask the database
-        key = (stream_id, event_name, offset, limit)
+        key = (stream_id, event_name, offset, limit, max_bytes)
         events = self.cache.answer(key, count)
         if events is not None:
             return events
+        last = min(offset + limit, count)  # events committed after count was read wait for the next read
+        first_known, largest = self._sizes.get(key[:2], (1, 0))  # read after count: see _commit
+        fits = offset + 1 >= first_known and (last - offset) * (largest + EVENT_ID_BYTES) <= max_bytes
         with self.reading(quick=True) as conn:
-            # SQLite splices "eventId" into each stored envelope and joins them: one
-            # step for the whole answer, where fetching row by row costs a step each.
-            events, listed = conn.execute(
-                "SELECT '[' || group_concat('{\"eventId\":\"' || event_id || '\",' || substr(envelope, 2)) || ']',"
-                " group_concat(sequence || ' ' || event_id)"
-                " FROM (SELECT event_id, envelope, sequence FROM events"
-                "  WHERE stream_id = ? AND event_name = ? AND sequence > ? ORDER BY sequence LIMIT ?)",
-                (stream_id, event_name, offset, limit)).fetchone()
+            # SQLite splices "eventId" into each stored envelope and joins them: one step for the
+            # whole answer, where fetching row by row costs a step each. When the events might not
+            # fit in max_bytes, it walks them one by one, adding up their sizes, and stops there.
+            events, listed = conn.execute(*((READ_ALL, (stream_id, event_name, offset, last)) if fits else
+                                            (READ_WITHIN, (stream_id, event_name, offset, last, max_bytes)))
+                                          ).fetchone()
             listed = [item.split(" ") for item in listed.split(",")]
             if [int(sequence) for sequence, _ in listed] != list(range(offset + 1, offset + 1 + len(listed))):
-                # SQLite does not promise group_concat keeps the subquery's order (it does in
+                # SQLite does not promise group_concat keeps the rows' order (it does in
                 # practice); should it not, build the answer row by row.
-                rows = conn.execute("SELECT sequence, event_id, envelope FROM events WHERE stream_id = ?"
-                                    " AND event_name = ? AND sequence > ? ORDER BY sequence LIMIT ?",
-                                    (stream_id, event_name, offset, limit)).fetchall()
-                events = "[" + ",".join('{"eventId":"%s",%s' % (event_id, envelope[1:])
-                                        for _, event_id, envelope in rows) + "]"
-                listed = [(sequence, event_id) for sequence, event_id, _ in rows]
-        self.cache.keep(key, limit, count, events, listed)
+                events, listed = self._read_rows(conn, stream_id, event_name, offset, last, max_bytes)
+        full = len(listed) == limit or offset + len(listed) < last  # cut short by max_bytes: for good too
+        self.cache.keep(key, full, count, events, listed)
         return events
 
-    def wait_and_read(self, stream, event_name, consumer_id, limit, seconds, stopping):
+    @staticmethod
+    def _read_rows(conn, stream_id, event_name, offset, last, max_bytes):
+        pieces, listed, size = [], [], 0
+        for sequence, event_id, envelope in conn.execute(
+                "SELECT sequence, event_id, envelope FROM events WHERE stream_id = ? AND event_name = ?"
+                " AND sequence > ? AND sequence <= ? ORDER BY sequence", (stream_id, event_name, offset, last)):
+            size += len(envelope.encode("utf-8")) + EVENT_ID_BYTES
+            if pieces and size > max_bytes:
+                break
+            pieces.append('{"eventId":"%s",%s' % (event_id, envelope[1:]))
+            listed.append((sequence, event_id))
+        return "[" + ",".join(pieces) + "]", listed
+
+    def wait_and_read(self, stream, event_name, consumer_id, limit, max_bytes, seconds, stopping):
         """Like read, but when nothing is there, wait up to seconds for an
         event of that name to be committed to the stream (long poll)."""
         deadline = time.monotonic() + seconds
         key = (self._stream_id(stream), event_name)
         while True:
             with self.waiters.waiting(key) as woken:  # before reading: a commit in between is not missed
-                events = self.read(stream, event_name, consumer_id, limit)
+                events = self.read(stream, event_name, consumer_id, limit, max_bytes)
                 remaining = deadline - time.monotonic()
                 if events != "[]" or remaining <= 0 or self.closed or stopping():
                     return events
@@ -1369,15 +1417,15 @@ class Store:
             raise not_found(f"event {event_id} not found")
         return row[0]
 
-    def consumers(self, stream):
-        """Every consumer offset of a stream with the count of its event name,
-        by event name then consumer ID: (consumer, offset, moved_at, name, count)."""
+    def consumers(self, stream, limit):
+        """The first limit consumer offsets of a stream with the count of their event
+        name, by event name then consumer ID: (consumer, offset, moved_at, name, count)."""
         with self.reading() as conn:
             return conn.execute(
                 "SELECT o.consumer_id, o.consumer_offset, o.moved_at, o.event_name, coalesce(c.count, 0)"
                 " FROM consumer_offsets o LEFT JOIN event_counts c USING (stream_id, event_name)"
-                " WHERE o.stream_id = ? ORDER BY o.event_name, o.consumer_id",
-                (self._stream_id(stream),)).fetchall()
+                " WHERE o.stream_id = ? ORDER BY o.event_name, o.consumer_id LIMIT ?",
+                (self._stream_id(stream), limit)).fetchall()
 
     def stream_totals(self):
         """Every stream's StreamTotals, by name."""
@@ -1464,24 +1512,35 @@ class Store:
                 " WHERE o.consumer_id = ?1 ORDER BY s.name LIMIT ?2", (term, limit)).fetchall()
         return pairs, single, streams, consumers
 
-    def events_since(self, stream, since, limit):
+    def events_since(self, stream, since, limit, max_consumers):
         """The stream's newest events created at or after since, newest first,
-        each with the sorted IDs of the consumers past it:
-        (event_id, event_name, created_at, [consumer IDs])."""
+        each with the sorted IDs of the consumers past it, the first
+        max_consumers of them: (event_id, event_name, created_at, [consumer IDs])."""
         with self.reading() as conn:
             stream_id = self._stream_id(stream)
             events = conn.execute(
                 "SELECT event_id, event_name, sequence, created_at FROM events"
                 " WHERE stream_id = ? AND created_at >= ? ORDER BY created_at DESC, event_pk DESC LIMIT ?",
                 (stream_id, since, limit)).fetchall()
-            offsets = {}
+            offsets = {}  # event name -> [(offset, consumer)], furthest first
             for name, consumer, offset in conn.execute(
                     "SELECT event_name, consumer_id, consumer_offset FROM consumer_offsets"
-                    " WHERE stream_id = ? ORDER BY consumer_id", (stream_id,)):
-                offsets.setdefault(name, []).append((consumer, offset))
-        return [(event_id, name, created_at,
-                 [consumer for consumer, offset in offsets.get(name, ()) if offset >= sequence])
-                for event_id, name, sequence, created_at in events]
+                    " WHERE stream_id = ? ORDER BY event_name, consumer_offset DESC", (stream_id,)):
+                offsets.setdefault(name, []).append((offset, consumer))
+        # From the highest sequence down, the consumers past an event are those past the one
+        # above it and some more: each is added once, to the first max_consumers IDs in order
+        # (not events x consumers steps, with thousands of consumers).
+        past = {}  # event_id -> its consumer IDs
+        taken = {}  # event name -> [consumers taken from offsets, the first IDs of those, sorted]
+        for event_id, name, sequence, _ in sorted(events, key=lambda event: -event[2]):
+            ahead = offsets.get(name, ())
+            state = taken.setdefault(name, [0, []])
+            while state[0] < len(ahead) and ahead[state[0]][0] >= sequence:
+                bisect.insort(state[1], ahead[state[0]][1])
+                del state[1][max_consumers:]
+                state[0] += 1
+            past[event_id] = list(state[1])
+        return [(event_id, name, created_at, past[event_id]) for event_id, name, _, created_at in events]
 
     def health_problem(self):
         """Why the database does not answer, or None when it does."""
@@ -1608,9 +1667,10 @@ def read_events(request):
     wait = request.arg("wait")
     store = request.app.store
     if wait is None:
-        return Reply(200, store.read(stream, event_name, consumer_id, limit))
+        return Reply(200, store.read(stream, event_name, consumer_id, limit, request.app.config.max_answer))
     seconds = _wait_seconds(wait, request.app.config.max_wait)
-    return Reply(200, store.wait_and_read(stream, event_name, consumer_id, limit, seconds,
+    return Reply(200, store.wait_and_read(stream, event_name, consumer_id, limit, request.app.config.max_answer,
+                                          seconds,
                                           request.app.stopping.is_set))
 
 
@@ -1637,9 +1697,9 @@ def ack(request):
 
 
 def list_streams(request):
-    return json_reply([{"streamName": s.name, "producerId": s.producer_id, "createdAt": s.created_at,
-                        "eventsCount": s.events, "consumers": s.consumers, "lag": s.lag}
-                       for s in request.app.store.stream_totals()])
+    return list_reply(request, ({"streamName": s.name, "producerId": s.producer_id, "createdAt": s.created_at,
+                                 "eventsCount": s.events, "consumers": s.consumers, "lag": s.lag}
+                                for s in request.app.store.stream_totals()))
 
 
 def metrics(request):
@@ -1676,10 +1736,10 @@ def _label_value(text):
 
 
 def consumers(request):
-    rows = request.app.store.consumers(request.stream())
-    return json_reply([{"consumerId": consumer, "offset": offset, "movedAt": moved_at, "eventName": name,
-                        "consumedPercentage": percentage(offset, count), "behind": count - offset}
-                       for consumer, offset, moved_at, name, count in rows])
+    rows = request.app.store.consumers(request.stream(), request.app.config.max_list)
+    return list_reply(request, ({"consumerId": consumer, "offset": offset, "movedAt": moved_at, "eventName": name,
+                                 "consumedPercentage": percentage(offset, count), "behind": count - offset}
+                                for consumer, offset, moved_at, name, count in rows))
 
 
 def percentage(part, whole):
@@ -1698,9 +1758,9 @@ def events_per_stream(request):
 def stream_data(request):
     streams = request.app.store.stream_totals()
     largest = max((s.events for s in streams), default=0)
-    return json_reply([{"streamName": s.name, "eventsCount": s.events, "consumedEvents": s.consumed,
-                        "ranking": "\u272d" * -(-5 * s.events // largest) if largest else ""}
-                       for s in streams])
+    return list_reply(request, ({"streamName": s.name, "eventsCount": s.events, "consumedEvents": s.consumed,
+                                 "ranking": "\u272d" * -(-5 * s.events // largest) if largest else ""}
+                                for s in streams))
 
 
 def events_current_month(request):
@@ -1748,10 +1808,12 @@ def event_period_search(request):
         raise bad_request("period is not supported or invalid")
     stream = request.stream()
     since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=hours)
-    rows = request.app.store.events_since(stream, since.isoformat(timespec="microseconds"), PERIOD_LIMIT)
-    return json_reply([{"eventId": event_id, "eventName": name, "createdAt": created_at,
-                        "consumerIds": consumer_ids}
-                       for event_id, name, created_at, consumer_ids in rows])
+    most = request.app.config.max_list
+    rows = request.app.store.events_since(stream, since.isoformat(timespec="microseconds"),
+                                          min(PERIOD_LIMIT, most), most)
+    return list_reply(request, ({"eventId": event_id, "eventName": name, "createdAt": created_at,
+                                 "consumerIds": consumer_ids}
+                                for event_id, name, created_at, consumer_ids in rows))
 
 
 def change_offset(request):
@@ -1846,6 +1908,21 @@ _REPLY_JSON = json.JSONEncoder(ensure_ascii=False)
 
 def json_reply(value, status=200):
     return Reply(status, _REPLY_JSON.encode(value))
+
+
+def list_reply(request, items):
+    """A JSON array of the first items, at most --max-list of them and no
+    more than --max-answer bytes: fewer items, never an error. Encoded one
+    by one: a list too long is never built whole."""
+    config = request.app.config
+    pieces, size = [], 2
+    for item in itertools.islice(items, config.max_list):
+        piece = _REPLY_JSON.encode(item).encode("utf-8")
+        size += len(piece) + 2
+        if size > config.max_answer:
+            break
+        pieces.append(piece)
+    return Reply(200, b"[" + b", ".join(pieces) + b"]")
 
 
 def error_reply(error):
@@ -2740,7 +2817,8 @@ def go_read_events(request):
     if limit < 0:
         raise GoError(GO_BAD_LIMIT)  # the Go server asks PostgreSQL, which answers a 500
     limit = min(limit, request.app.config.max_limit)
-    text = _unless_unknown(request.app.store.read, request.params["stream"], event_name, consumer_id, limit)
+    text = _unless_unknown(request.app.store.read, request.params["stream"], event_name, consumer_id, limit,
+                           request.app.config.max_answer)
     events = json.loads(text) if text else []
     return go_reply([GoEvent.stored_view(event.pop("eventId"), event) for event in events])
 
@@ -2768,7 +2846,7 @@ def go_event_payload(request):
 
 
 def go_consumers(request):
-    rows = _unless_unknown(request.app.store.consumers, request.params["stream"]) or []
+    rows = _unless_unknown(request.app.store.consumers, request.params["stream"], request.app.config.max_list) or []
     rows = sorted((row for row in rows if row[4] > 0), key=lambda row: (row[3], row[1], row[0]))
     return Reply(200, pg_rows([
         {"consumerId": consumer, "offset": offset, "movedAt": pg_time(moved_at), "eventName": name,
@@ -2786,7 +2864,7 @@ def go_stream_data(request):
     tiles = go_ranking([s.events for s in streams])
     return Reply(200, pg_rows([{"streamName": s.name, "eventsCount": s.events, "consumedEvents": s.consumed,
                                 "ranking": None if tile is None else "\u272d" * tile}
-                               for s, tile in zip(streams, tiles)]), GO_REPLY_TYPE)
+                               for s, tile in zip(streams, tiles)][:request.app.config.max_list]), GO_REPLY_TYPE)
 
 
 def go_events_current_month(request):
@@ -2821,8 +2899,9 @@ def go_event_period_search(request):
     since = _go_period_start(request.arg("period") or "")
     if since is None:
         raise GoError(GO_BAD_PERIOD)
+    most = request.app.config.max_list
     rows = _unless_unknown(request.app.store.events_since, request.params["stream"],
-                           since.isoformat(timespec="microseconds"), PERIOD_LIMIT) or []
+                           since.isoformat(timespec="microseconds"), min(PERIOD_LIMIT, most), most) or []
     return Reply(200, pg_rows([{"eventId": event_id, "eventName": name, "createdAt": pg_time(created_at),
                                 "consumerids": consumer_ids}  # its unquoted SQL alias, lowercased
                                for event_id, name, created_at, consumer_ids in rows]), GO_REPLY_TYPE)

@@ -226,6 +226,37 @@ class ServerTest(unittest.TestCase):
             return conn.execute(sql, args).fetchall()
 
 
+class FreshServerTest(ServerTest):
+    """Base: a new server and database for every test, for exact global figures."""
+
+    @classmethod
+    def setUpClass(cls):
+        pass
+
+    @classmethod
+    def tearDownClass(cls):
+        pass
+
+    def setUp(self):
+        self.live = LiveServer(*self.flags)
+        self.addCleanup(self.live.stop)
+        super().setUp()
+
+    def get(self, path, **kwargs):
+        response = self.client.request("GET", "/api/v1" + path, **kwargs)
+        return response
+
+    def get_json(self, path):
+        response = self.get(path)
+        self.assertEqual(response.status, 200, response)
+        self.assertEqual(response.headers["Content-Type"], "application/json; charset=utf-8")
+        return response.json
+
+    def seek(self, stream, consumer, name, offset):
+        return self.client.request(
+            "POST", f"/api/v1/{quote(stream)}/{quote(consumer)}/{quote(name)}/change/{offset}")
+
+
 # Publish (SPEC 3.1) ###########################################################
 
 class PublishTest(ServerTest):
@@ -1359,38 +1390,85 @@ class AllowedHostsTest(ServerTest):
         self.assertEqual(refused.exception.status, 403)
 
 
+class AnswerLimitsTest(ServerTest):
+    """Answers are bounded: a read by --max-answer bytes, lists by --max-list items."""
+
+    flags = ("--max-answer", "20000")
+
+    def read_all(self, stream, limit=100):
+        """Every event, as a consumer gets them: reads of at most limit, each acknowledged."""
+        counts, ids = [], []
+        while True:
+            response = self.client.read(stream, "Big", limit=limit, consumer="reader")
+            self.assertEqual(response.status, 200, response)
+            if not response.json:
+                return counts, ids
+            counts.append(len(response.json))
+            self.assertLessEqual(len(response.body), 20000 if len(response.json) > 1 else 40000)
+            for event in response.json:
+                ids.append(event["eventId"])
+                self.assertEqual(self.client.ack(stream, event["eventId"], consumer="reader").status, 200)
+
+    def test_a_read_of_large_events_returns_fewer_events_never_an_error(self):
+        stream = fresh()
+        sizes = [8000] * 5 + [30000] + [100] * 50  # 30000: alone over the budget, still read
+        published = [self.publish_ok(stream, envelope("Big", payload={"blob": "x" * size})) for size in sizes]
+        counts, ids = self.read_all(stream)
+        self.assertEqual(ids, published)  # every event, in order, none twice
+        self.assertEqual(counts, [2, 2, 1, 1, 50])
+
+    def test_events_stored_before_a_restart_are_bounded_too(self):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "events.db")
+            store = eventserver.Store(path)
+            big = eventserver.Envelope(envelope("Big", payload={"blob": "x" * 8000}))
+            store.publish("s", "p", [big] * 10)
+            store.close()
+            store = eventserver.Store(path)  # the sizes of those events are not known in memory now
+            try:
+                self.assertEqual(json.loads(store.read("s", "Big", "c", 10, 20000)).__len__(), 2)
+                self.assertEqual(len(json.loads(store.read("s", "Big", "c", 10, 10 ** 6))), 10)
+            finally:
+                store.close()
+
+
+class ListLimitsTest(FreshServerTest):
+
+    flags = ("--max-list", "3", "--max-answer", "700")
+
+    def test_lists_hold_at_most_max_list_items(self):
+        for name in ("a", "b", "c", "d"):
+            self.publish_ok(name, [envelope("A")] * 5)
+        for consumer in ("w", "x", "y", "z"):
+            self.assertEqual(self.seek("a", consumer, "A", 5).status, 200)
+        self.assertEqual([s["streamName"] for s in self.get_json("/streams")], ["a", "b", "c"])
+        self.assertEqual([s["streamName"] for s in self.get_json("/stats/stream-data")], ["a", "b", "c"])
+        self.assertEqual([c["consumerId"] for c in self.get_json("/consumers/a")], ["w", "x", "y"])
+        events = self.get_json("/event-period-search/a?period=1month")
+        self.assertEqual(len(events), 3)
+        self.assertEqual([e["consumerIds"] for e in events], [["w", "x", "y"]] * 3)
+
+    def test_period_search_with_thousands_of_consumers_is_capped(self):
+        self.publish_ok("a", [envelope("A")] * 2)
+        self.assertEqual(self.seek("a", "behind", "A", 0).status, 200)
+        consumers = [f"consumer-{n:04d}" for n in range(2000)]
+        with sqlite3.connect(self.live.db) as conn:  # as 2000 seeks would, faster
+            stream_id = conn.execute("SELECT stream_id FROM streams WHERE name = 'a'").fetchone()[0]
+            conn.executemany("INSERT INTO consumer_offsets VALUES (?, 'A', ?, 2, '2020-01-01T00:00:00.000000+00:00')",
+                             [(stream_id, consumer) for consumer in consumers])
+        events = self.get_json("/event-period-search/a?period=1month")
+        self.assertEqual([e["consumerIds"] for e in events], [consumers[:3]] * 2)
+
+    def test_lists_hold_at_most_max_answer_bytes(self):
+        names = [letter * 200 for letter in "abc"]
+        for name in names:
+            self.publish_ok(name)
+        response = self.client.request("GET", "/api/v1/streams")
+        self.assertLessEqual(len(response.body), 700)
+        self.assertEqual([s["streamName"] for s in response.json], names[:2])
+
+
 # The Go server's other endpoints (SPEC 4) #####################################
-
-class FreshServerTest(ServerTest):
-    """Base: a new server and database for every test, for exact global figures."""
-
-    @classmethod
-    def setUpClass(cls):
-        pass
-
-    @classmethod
-    def tearDownClass(cls):
-        pass
-
-    def setUp(self):
-        self.live = LiveServer(*self.flags)
-        self.addCleanup(self.live.stop)
-        super().setUp()
-
-    def get(self, path, **kwargs):
-        response = self.client.request("GET", "/api/v1" + path, **kwargs)
-        return response
-
-    def get_json(self, path):
-        response = self.get(path)
-        self.assertEqual(response.status, 200, response)
-        self.assertEqual(response.headers["Content-Type"], "application/json; charset=utf-8")
-        return response.json
-
-    def seek(self, stream, consumer, name, offset):
-        return self.client.request(
-            "POST", f"/api/v1/{quote(stream)}/{quote(consumer)}/{quote(name)}/change/{offset}")
-
 
 class ParityAuthTest(ServerTest):
 
@@ -2469,7 +2547,7 @@ class IdempotencyTest(ServerTest):
             store = eventserver.Store(path)
             try:
                 self.assertEqual(store.publish("s", "p", [eventserver.Envelope(envelope())], "durable"), first)
-                self.assertEqual(store.read("s", "OrderPlaced", "c", 10).count('"eventId"'), 1)
+                self.assertEqual(store.read("s", "OrderPlaced", "c", 10, 1 << 20).count('"eventId"'), 1)
             finally:
                 store.close()
 
