@@ -767,8 +767,14 @@ class StoreError(Exception):
 
 def _refusal(error):
     """What a failed piece of work raises to its caller: a database error
-    becomes a 500; anything else (an HTTPError, a LoadError) as it is."""
+    becomes a 507 (the disk is full), a 503 (the database is read-only) or
+    a 500; anything else (an HTTPError, a LoadError) as it is."""
     if isinstance(error, sqlite3.Error):
+        text = str(error)
+        if "database or disk is full" in text:
+            return HTTPError(507, "the disk is full: nothing was stored; writes resume once space is freed")
+        if "readonly database" in text:
+            return HTTPError(503, "the database is read-only: nothing was stored")
         log.error("write failed: %s", error)
         return HTTPError(500, "the write failed")
     return error
@@ -1032,13 +1038,20 @@ class Store:
             self._migrate()
             self._identity = _file_identity(path)
             self._load_state()
+            self._wal_identity = _identity_or_none(path + "-wal")
+            self.read_only = self._read_only()
         except (sqlite3.Error, StoreError) as error:
             with contextlib.suppress(AttributeError, sqlite3.Error):
                 self._writer.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
-            raise error if isinstance(error, StoreError) else StoreError(
-                f"cannot open database {path}: {error}") from None
+            if isinstance(error, StoreError):
+                raise
+            hint = "" if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK) else \
+                " (its folder is read-only, and WAL mode writes -wal and -shm files beside it)"
+            raise StoreError(f"cannot open database {path}: {error}{hint}") from None
+        self._wal_rescued = False
+        self._disk_full = None  # the free bytes when a write last failed for want of space, till one succeeds
         self.writes = GroupCommit(self._commit)
 
     def _load_state(self):
@@ -1053,9 +1066,66 @@ class Store:
                          in conn.execute("SELECT stream_id, event_name, consumer_id, consumer_offset"
                                          " FROM consumer_offsets")}
 
-    def _connect(self):
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               cached_statements=256)
+    def _read_only(self):
+        """Why the database cannot be written (a read-only file or file
+        system), or None: found by writing in a transaction rolled back."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.OperationalError as error:
+            if "readonly" not in str(error):
+                raise
+            return f"the database {self.path} is read-only ({error}): reads are served, writes get 503"
+        finally:
+            conn.execute("ROLLBACK")
+        return None
+
+    def file_problem(self):
+        """Why writes would not reach the database file, or None: the file,
+        or its WAL, removed or replaced under the server (its connections
+        still write to the old ones, which nobody opens again)."""
+        try:
+            if _file_identity(self.path) != self._identity:
+                return f"the database file {self.path} was removed or replaced"
+        except OSError:
+            return f"the database file {self.path} was removed"
+        wal = _identity_or_none(self.path + "-wal")
+        if self._wal_identity is None:
+            self._wal_identity = wal
+        elif wal != self._wal_identity:
+            return f"the WAL file {self.path}-wal was removed or replaced"
+        return None
+
+    def _refuse_if_files_moved(self, batch):
+        """(In the writer thread.) Refuse the batch, writing nothing, if the
+        database file or its WAL is gone. A WAL removed still holds, in the
+        file the server has open, commits not yet copied to the database
+        file: they are copied now (a checkpoint), so that what was
+        acknowledged is kept."""
+        problem = self.file_problem()
+        if problem is None:
+            return False
+        if "WAL" in problem and not self._wal_rescued:
+            self._wal_rescued = True
+            try:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                log.error("%s: its commits were copied into the database file; writes are refused "
+                          "until a restart", problem)
+            except sqlite3.Error as error:
+                log.error("%s, and its commits could not be copied into the database file: %s", problem, error)
+        failure = HTTPError(503, f"{problem}: writes are refused until a restart, nothing was stored")
+        for ticket in batch:
+            ticket.result, ticket.error, ticket.done = None, failure, True
+        return True
+
+    def _connect(self, create=True):
+        """A connection to the database; create: the file may be made (only
+        the writer's, at start: a reader never makes an empty database where
+        the file was removed)."""
+        target = self.path if create else f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode=rw"
+        conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
+                               cached_statements=256, uri=not create)
         try:
             conn.execute("PRAGMA busy_timeout = 10000")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -1124,7 +1194,10 @@ class Store:
         try:
             conn = self._readers.get_nowait()
         except queue.Empty:
-            conn = self._connect()
+            try:
+                conn = self._connect(create=False)
+            except sqlite3.Error as error:  # the file removed, or no descriptor left
+                raise HTTPError(503, self.file_problem() or f"the database cannot be read: {error}") from None
         try:
             if quick:
                 with self._quick_turn:
@@ -1152,6 +1225,8 @@ class Store:
         failed write of the batch) spoils the transaction: it is rolled back,
         and each ticket runs again in a transaction of its own, so that only
         the culprit fails."""
+        if self._refuse_if_files_moved(batch):
+            return
         conn = self._writer
         tx = _Transaction(conn)
         try:
@@ -1178,9 +1253,21 @@ class Store:
                 return
             log.error("commit failed: %s", error)
             failure = _refusal(error)
+            status = getattr(failure, "status", None)
+            if status == 507:
+                self._disk_full = _free_bytes(self.path)
+            elif status == 503:
+                self.read_only = f"the database {self.path} is read-only: writes get 503"
             for ticket in batch:
                 ticket.result, ticket.error = None, failure
         else:
+            self._disk_full = self.read_only = None
+            problem = self.file_problem()
+            if problem is not None:  # removed while the commit was written: it may be lost
+                for ticket in batch:
+                    if ticket.error is None:
+                        ticket.result, ticket.error = None, HTTPError(
+                            503, f"{problem} while this write was committed: it may be lost")
             for key, size in tx.sizes.items():  # before the counts: a read takes the count, then the sizes
                 first, largest = self._sizes.get(key, (1, 0))
                 self._sizes[key] = (first, max(largest, size))
@@ -1543,14 +1630,16 @@ class Store:
         return [(event_id, name, created_at, past[event_id]) for event_id, name, _, created_at in events]
 
     def health_problem(self):
-        """Why the database does not answer, or None when it does."""
+        """Why the database does not answer, or cannot be written, or None."""
+        problem = self.read_only or self.file_problem()
+        if problem is not None:
+            return problem
+        full = self._disk_full
+        if full is not None and _free_bytes(self.path) < full + DISK_FREED_BYTES:
+            return f"the disk holding {self.path} is full: writes get 507 until space is freed"
         try:
-            if _file_identity(self.path) != self._identity:
-                return f"the database file {self.path} was removed or replaced"
             with self.reading(quick=True) as conn:
                 conn.execute("SELECT count(*) FROM streams").fetchone()
-        except OSError:
-            return f"the database file {self.path} was removed"
         except (sqlite3.Error, HTTPError) as error:
             return f"the database does not answer: {error}"
         return None
@@ -1577,6 +1666,25 @@ def _lock_exclusively(path):
 def _file_identity(path):
     status = os.stat(path)
     return status.st_dev, status.st_ino
+
+
+def _identity_or_none(path):
+    try:
+        return _file_identity(path)
+    except OSError:
+        return None
+
+
+def _free_bytes(path):
+    """Bytes free for the server on the file system of path (0 if it cannot tell)."""
+    try:
+        status = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except (OSError, AttributeError):  # statvfs: not on Windows
+        return 0
+    return status.f_bavail * status.f_frsize
+
+
+DISK_FREED_BYTES = 1048576  # freed since a write failed for want of space: health says OK again
 
 
 # HTTP ########################################################################
@@ -3750,6 +3858,8 @@ def serve(config):
         print(f"eventserver {__version__} listening on {scheme}://{_url_host(host)}:{port}/", flush=True)
         if config.password_generated:
             print(f"no credentials configured: user {config.user}, password {config.password}", flush=True)
+        if store.read_only:
+            print(f"eventserver: {store.read_only}", file=sys.stderr, flush=True)
         threading.Thread(target=server.serve_forever, args=(POLL_SECONDS,), name="accept", daemon=True).start()
         while not stop.wait(1.0):
             pass

@@ -1468,6 +1468,94 @@ class ListLimitsTest(FreshServerTest):
         self.assertEqual([s["streamName"] for s in response.json], names[:2])
 
 
+class StorageFaultTest(FreshServerTest):
+    """Storage faults are reported to writers, never hidden behind a 200."""
+
+    def test_writes_are_503_once_the_database_file_is_removed(self):
+        stream = fresh()
+        event = self.publish_ok(stream)
+        os.remove(self.live.db)
+        for response in (self.client.publish(stream), self.client.ack(stream, event),
+                         self.client.request("POST", f"/api/v1/{stream}/c/OrderPlaced/change/1")):
+            self.assert_error(response, 503, starts=f"Service Unavailable - the database file {self.live.db} was")
+        health = self.client.request("GET", "/api/v1/health")
+        self.assertEqual((health.status, health.json["status"]), (503, "ERROR"))
+        self.assertIn("was removed", health.json["error"])
+
+    def test_a_full_disk_is_507_and_writes_resume_once_space_is_freed(self):
+        stream = fresh()
+        self.publish_ok(stream)
+        writer = self.live.store._writer  # the file may not grow: what a full disk does to SQLite
+        pages = writer.execute("PRAGMA page_count").fetchone()[0]
+        writer.execute(f"PRAGMA max_page_count = {pages}")
+        big = envelope(payload={"blob": "x" * 50000})
+        with self.assertLogs("eventserver", "ERROR"):
+            self.assert_error(self.client.publish(stream, big), 507, starts="Insufficient Storage - the disk is full")
+        health = self.client.request("GET", "/api/v1/health")
+        self.assertEqual(health.status, 503)
+        self.assertIn("is full", health.json["error"])
+        self.assertEqual(len(self.client.read(stream).json), 1)  # nothing stored
+        writer.execute("PRAGMA max_page_count = 1073741823")
+        self.publish_ok(stream, big)
+        self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
+
+
+class StorageFaultProcessTest(unittest.TestCase):
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.folder = tmp.name
+        self.db = os.path.join(tmp.name, "events.db")
+
+    def start(self, prefix=()):
+        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet", db=self.db, prefix=prefix)
+        self.addCleanup(process.stop)
+        return process
+
+    def test_writes_are_503_once_the_wal_is_removed_and_what_was_acknowledged_survives_kill_9(self):
+        process = self.start()
+        process.wait_listening()
+        client = Client(process.port)
+        self.addCleanup(client.close)
+        acknowledged = [client.publish("s").json for _ in range(10)]
+        os.remove(self.db + "-wal")
+        response = client.publish("s")
+        self.assertEqual(response.status, 503, response)
+        self.assertIn("WAL file", response.json)
+        self.assertEqual(client.request("GET", "/api/v1/health").status, 503)
+        process.kill()
+        store = eventserver.Store(self.db)
+        try:
+            stored = json.loads(store.read("s", "OrderPlaced", "c", 100, 1 << 20))
+            self.assertEqual([event["eventId"] for event in stored], acknowledged)
+        finally:
+            store.close()
+
+    def test_a_read_only_database_is_said_at_start_and_in_health(self):
+        store = eventserver.Store(self.db)
+        store.publish("s", "p", [eventserver.Envelope(envelope())])
+        store.close()
+        os.chmod(self.db, 0o444)
+        os.chmod(self.folder, 0o777)  # the -wal and -shm files may still be made beside it
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet", db=self.db, prefix=as_nobody)
+        self.addCleanup(process.stop)
+        process.wait_listening()
+        client = Client(process.port)
+        self.addCleanup(client.close)
+        health = client.request("GET", "/api/v1/health")
+        self.assertEqual(health.status, 503)
+        self.assertIn("is read-only", health.json["error"])
+        self.assertEqual(len(client.read("s").json), 1)  # reads are served
+        response = client.publish("s", producer="p")
+        self.assertEqual((response.status, response.json),
+                         (503, "Service Unavailable - the database is read-only: nothing was stored"))
+        process.proc.terminate()
+        _, _, err = process.finish()
+        self.assertIn(f"eventserver: the database {self.db} is read-only", err)
+
+
 # The Go server's other endpoints (SPEC 4) #####################################
 
 class ParityAuthTest(ServerTest):
