@@ -297,6 +297,7 @@ class OffsetOutOfRange(HTTPError):
 # Logging #####################################################################
 
 LOG_QUEUE_LINES = 10_000  # lines held for stderr while it is slow; past that they are dropped
+_CONTROL_IN_LINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # category Cc, but the newline of a line
 
 
 class LogLines:
@@ -313,9 +314,13 @@ class LogLines:
         self._thread = None
 
     def write(self, line):
-        """Queue a line (ending in a newline) for stderr; drop it if the queue is full."""
+        """Queue a line (ending in a newline) for stderr; drop it if the queue
+        is full. Control characters in it (from a request, say) are escaped:
+        none reaches a terminal or a log reader raw."""
         if self._thread is None:
             self._start()
+        if _CONTROL_IN_LINE.search(line):
+            line = _CONTROL_IN_LINE.sub(lambda found: f"\\x{ord(found.group()):02x}", line)
         try:
             self._lines.put_nowait(line)
         except queue.Full:
@@ -447,15 +452,41 @@ class Unstorable:
         self.text = text
 
 
+class ExactNumber:
+    """Stands for a number whose text a float would not give back as sent:
+    more digits than a double holds (12345678901234567.89), or another
+    spelling of its value (1e5, 1.50). It is stored as that text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text):
+        self.text = text
+
+
 def _finite_float(text):
     value = float(text)
-    return Unstorable(text) if value in (float("inf"), float("-inf")) else value
+    if value in (float("inf"), float("-inf")):
+        return Unstorable(text)
+    return value if repr(value) == text else ExactNumber(text)  # repr: the shortest text of a float
+
+
+# json writes an ExactNumber as a string that holds its text behind a mark nobody can send
+# (a NUL, written \u0000, and a secret of this process); compact_json then unquotes it.
+_EXACT_MARK = "\x00" + secrets.token_hex(8) + ":"
+_EXACT_WRITTEN = re.compile(r'"\\u0000' + _EXACT_MARK[1:] + r'([^"]*)"')
+
+
+def _exact_number(value):
+    if isinstance(value, ExactNumber):
+        return _EXACT_MARK + value.text
+    raise TypeError(f"{type(value).__name__} is not JSON")  # an Unstorable
 
 
 # Made once: json.loads and json.dumps build a new coder on each call when given options.
 # What is encoded was decoded from JSON, so it holds no cycles to look for.
 _STRICT_JSON = json.JSONDecoder(parse_constant=Unstorable, parse_float=_finite_float)
-_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False)
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False,
+                                 default=_exact_number)
 
 
 def parse_json(body, content_type):
@@ -489,6 +520,8 @@ def compact_json(value, what="body"):
     (a lone surrogate, NaN, Infinity, a number out of range)."""
     try:
         text = _COMPACT_JSON.encode(value)
+        if "\\u0000" in text:  # perhaps an ExactNumber: its text, unquoted
+            text = _EXACT_WRITTEN.sub(r"\1", text)
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise bad_request(f"{what} contains a lone surrogate") from None
@@ -2276,6 +2309,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         costs more than all the rest of a small request; a header is one line
         here, so a split does."""
         self.command, self.request_version, self.close_connection = None, "HTTP/1.1", True
+        self.requestline = ""
         budget = self.server.app.config.max_head
         readline = self.rfile.readline
         self.raw_requestline = line = readline(budget + 1)
@@ -2450,13 +2484,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
     def send_error(self, code, message=None, explain=None):
-        """The standard library's own refusals (bad request line, headers
-        too long...), as JSON like every other error."""
+        """A refused head (a bad request line, a head too large or too
+        late...), as JSON like every other error; the connection closes."""
         self.close_connection = True
         self._body_unread = True
         detail = message if message and message != REASONS.get(code) else ""
+        reply = error_reply(HTTPError(code, detail))
         with contextlib.suppress(OSError):
-            self._send(error_reply(HTTPError(code, detail)))
+            self._send(reply)
+        if not self.server.app.config.quiet:
+            self.client_id = ""
+            log_access(self, reply, 0.0)
 
     def finish(self):
         super().finish()
@@ -2496,8 +2534,10 @@ def _http_date():
 
 
 def log_access(handler, reply, milliseconds):
-    """One line per request on stderr: method, path, status, bytes, ms, client ID."""
-    LOG_LINES.write(f"{utc_now()[:23]}Z {handler.client_address[0]} {handler.command} {handler.path}"
+    """One line per request on stderr: method, path, status, bytes, ms,
+    client ID; for a request line that could not be read, "-" and the line."""
+    request = f"{handler.command} {handler.path}" if handler.command else f"- {handler.requestline[:200]!r}"
+    LOG_LINES.write(f"{utc_now()[:23]}Z {handler.client_address[0]} {request}"
                     f" {reply.status} {len(reply.body)} {milliseconds:.1f}ms {handler.client_id or '-'}\n")
 
 

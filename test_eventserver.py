@@ -1556,6 +1556,53 @@ class StorageFaultProcessTest(unittest.TestCase):
         self.assertIn(f"eventserver: the database {self.db} is read-only", err)
 
 
+class ExactNumbersTest(ServerTest):
+
+    NUMBERS = ("12345678901234567.89", "3.141592653589793238462643383279", "1e5", "1E-7", "1.50", "2.5e-400",
+               "-0.0", "0.1", "123456789012345678901234567890", "-17")
+
+    def test_numbers_are_kept_exactly_as_sent(self):
+        stream = fresh()
+        payload = "{" + ",".join(f'"n{index}":{number}' for index, number in enumerate(self.NUMBERS)) + "}"
+        body = '{"event": {"name": "Measured"}, "payload": ' + payload.replace(",", ", ") + "}"
+        response = self.client.publish(stream, body, headers={"Content-Type": "application/json"})  # the text as sent
+        self.assertEqual(response.status, 200, response)
+        event_id = response.json
+        stored = self.client.request("GET", f"/api/v1/events/{event_id}/payload").body.decode()
+        self.assertEqual(stored, '{"event":{"name":"Measured"},"payload":' + payload + "}")
+        read = self.client.read(stream, "Measured").body.decode()
+        self.assertEqual(read, f'[{{"eventId":"{event_id}","event":{{"name":"Measured"}},"payload":{payload}}}]')
+        found = self.client.request("GET", "/api/v1/search?_q=" + quote("12345678901234567.89")).json
+        self.assertEqual([r["search_result"]["url"] for r in found],
+                         [f"/admin/streams/{quote(stream)}/events?eventId={event_id}"])
+
+    def test_a_string_like_the_stored_form_of_a_number_stays_a_string(self):
+        stream = fresh()
+        body = {"event": {"name": "S"}, "payload": {"s": "\u0000a1b2c3d4e5f6a7b8:1.5", "n": 1e5}}
+        event_id = self.publish_ok(stream, body)
+        stored = self.client.request("GET", f"/api/v1/events/{event_id}/payload").json
+        self.assertEqual(stored["payload"], {"s": "\u0000a1b2c3d4e5f6a7b8:1.5", "n": 100000.0})
+
+
+class LogEscapesTest(unittest.TestCase):
+
+    def test_control_characters_from_requests_reach_the_log_escaped(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, db=os.path.join(tmp.name, "e.db"))
+        self.addCleanup(process.stop)
+        process.wait_listening()
+        for line in (b"GET /api/v1/health\x1b[31mRED\x1b[0m\x07 HTTP/1.1", b"GET\t/\x9b2J HTTP/1.1"):
+            with socket.create_connection(("127.0.0.1", process.port), timeout=10) as sock:
+                sock.sendall(line + b"\r\nHost: localhost\r\n\r\n")
+                self.assertTrue(_answer_and_close(sock).startswith(b"HTTP/1.1 400 "))
+        process.proc.terminate()
+        _, _, err = process.finish()
+        self.assertNotRegex(err, "[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+        self.assertIn(r"\x1b[31mRED\x1b[0m\x07", err)
+        self.assertIn(r"\x9b2J", err)
+
+
 # The Go server's other endpoints (SPEC 4) #####################################
 
 class ParityAuthTest(ServerTest):
