@@ -1762,6 +1762,7 @@ ROUTES = [
     ("GET",  "/api/v1/streams",                              "list_streams"),
     ("GET",  "/api/v1/metrics",                              "metrics"),
     ("GET",  "/api/v1/consumers/{stream}",                   "consumers"),
+    ("GET",  "/api/v1/consumers",                            "consumers"),  # ?stream=: see Request.stream
     ("GET",  "/api/v1/stats/events-per-stream",              "events_per_stream"),
     ("GET",  "/api/v1/stats/stream-data",                    "stream_data"),
     ("GET",  "/api/v1/stats/events-current-month",           "events_current_month"),
@@ -1769,6 +1770,8 @@ ROUTES = [
     ("POST", "/api/v1/search",                               "search"),
     ("GET",  "/api/v1/event-period-search/{stream}",         "event_period_search"),
     ("POST", "/api/v1/event-period-search/{stream}",         "event_period_search"),
+    ("GET",  "/api/v1/event-period-search",                  "event_period_search"),  # ?stream=
+    ("POST", "/api/v1/event-period-search",                  "event_period_search"),
     ("POST", "/api/v1/{stream}/{consumer_id}/{event_name}/change/{offset}", "change_offset"),
     ("GET",  "/api/v1/events/{event_id}/payload",            "event_payload"),
     ("GET",  "/",                                            "dashboard"),
@@ -2014,7 +2017,11 @@ class Request:
         return None
 
     def stream(self):
-        return check_name("stream name", self.params["stream"])
+        """The stream named in the path, or else in the query (?stream=): a
+        browser turns a path segment "." or ".." (even as %2E) into a move up
+        the path, so the dashboard names streams in the query."""
+        name = self.params.get("stream")
+        return check_name("stream name", self.arg("stream") if name is None else name)
 
 
 class Reply:
@@ -2795,7 +2802,10 @@ GO_ROUTES = [
     ("POST", "/api/v1/search",                               "go_search"),
     ("POST", "/api/v1/event-period-search/{stream}",         "go_event_period_search"),
     ("*",    "/api/v1/metrics",                              "go_metrics"),  # any method
-    # not the Go server's: the stream list and the dashboard, answered as by default
+    # not the Go server's: the stream in the query, for the dashboard (see Request.stream) ...
+    ("GET",  "/api/v1/consumers",                            "go_consumers"),
+    ("POST", "/api/v1/event-period-search",                  "go_event_period_search"),
+    # ... and the stream list and the dashboard, answered as by default
     ("GET",  "/api/v1/streams",                              "list_streams"),
     *[route for route in ROUTES if route[2] == "dashboard"],
 ]
@@ -2994,7 +3004,7 @@ def go_event_payload(request):
 
 
 def go_consumers(request):
-    rows = _unless_unknown(request.app.store.consumers, request.params["stream"], request.app.config.max_list) or []
+    rows = _unless_unknown(request.app.store.consumers, _go_stream(request), request.app.config.max_list) or []
     rows = sorted((row for row in rows if row[4] > 0), key=lambda row: (row[3], row[1], row[0]))
     return Reply(200, pg_rows([
         {"consumerId": consumer, "offset": offset, "movedAt": pg_time(moved_at), "eventName": name,
@@ -3048,7 +3058,7 @@ def go_event_period_search(request):
     if since is None:
         raise GoError(GO_BAD_PERIOD)
     most = request.app.config.max_list
-    rows = _unless_unknown(request.app.store.events_since, request.params["stream"],
+    rows = _unless_unknown(request.app.store.events_since, _go_stream(request),
                            since.isoformat(timespec="microseconds"), min(PERIOD_LIMIT, most), most) or []
     return Reply(200, pg_rows([{"eventId": event_id, "eventName": name, "createdAt": pg_time(created_at),
                                 "consumerids": consumer_ids}  # its unquoted SQL alias, lowercased
@@ -3080,6 +3090,11 @@ def go_metrics(request):
     if _go_negotiate_gzip(request.headers.get("Accept-Encoding")):
         body, headers = gzip.compress(body), [("Content-Encoding", "gzip")]
     return Reply(200, body, "text/plain; version=0.0.4; charset=utf-8; escaping=underscores", headers)
+
+
+def _go_stream(request):
+    """The stream of the path, or of the query (the dashboard's form of two routes)."""
+    return request.params["stream"] if "stream" in request.params else request.arg("stream") or ""
 
 
 def _unless_unknown(verb, *args):
@@ -4130,8 +4145,10 @@ async function overview(producerId) {
 }
 
 async function streamView(stream, params) {
+  // The name in the query, not the path: a browser drops a path segment "." or ".." (or %2E).
   const [consumers, events] = await Promise.all([
-    api("/consumers/" + part(stream)), api("/event-period-search/" + part(stream) + "?period=1month", "POST")]);
+    api("/consumers?stream=" + part(stream)),
+    api("/event-period-search?stream=" + part(stream) + "&period=1month", "POST")]);
   const crumbs = document.getElementById("crumbs") || view.appendChild(el("p", { id: "crumbs", class: "crumbs" }));
   crumbs.replaceChildren(el("a", { href: "#/" }, "all streams"), " › ", el("strong", {}, stream));
   const consumerId = params.get("consumerId");
@@ -4174,15 +4191,18 @@ function route() {
     : location.pathname.startsWith("/admin") ? location.pathname + location.search : "/";
   const [path, query] = hash.split("?");
   const params = new URLSearchParams(query || "");
-  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  const parts = path.split("/").filter(Boolean).map(decodePart);
   return { parts, params, key: hash };
+}
+function decodePart(text) {  // a malformed escape (a link such as #/admin/streams/%E0%A4%A) stays as written
+  try { return decodeURIComponent(text); } catch (error) { return text; }
 }
 let shownKey = null;
 async function refresh() {
   clearTimeout(timer);
-  const { parts, params, key } = route();
-  if (key !== shownKey) { view.replaceChildren(); shownKey = key; }
   try {
+    const { parts, params, key } = route();
+    if (key !== shownKey) { view.replaceChildren(); shownKey = key; }
     if (parts[0] === "search") await searchView(params.get("q") || "");
     else if (parts[0] === "admin" && parts[1] === "streams" && parts.length >= 3) await streamView(parts[2], params);
     else await overview(parts[0] === "admin" ? params.get("producerId") : null);

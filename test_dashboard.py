@@ -7,12 +7,14 @@ so the core suite needs nothing but Python; skips, saying why, when Chromium
 is not installed."""
 
 import html
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import unittest
 import urllib.parse
 
@@ -144,6 +146,80 @@ class DashboardInBrowserTest(unittest.TestCase):
 
 class DashboardInBrowserGoTest(DashboardInBrowserTest):
     flags = ("--compat", "go")
+
+
+@unittest.skipUnless(CHROMIUM, "Chromium is not installed: apt-get install chromium (Debian) to run the browser check")
+class DashboardLimitsInBrowserTest(DashboardInBrowserTest):
+    """The browser side of SPEC 6: streams a URL path cannot name, malformed
+    links, and a page of another origin that tries to change something."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        fixtures = os.path.join(cls.tmp.name, "fixtures.ndjson")
+        lines = ([{"stream": ".", "producerId": "dot", "envelope": envelope("Dot")}] * 2
+                 + [{"stream": "..", "producerId": "dots", "envelope": envelope("Dots")}] * 3
+                 + [{"stream": "orders", "producerId": "shop-1", "envelope": envelope("OrderPlaced")}] * 5)
+        with open(fixtures, "w", encoding="utf-8") as out:
+            out.write("\n".join(json.dumps(line) for line in lines) + "\n")
+        cls.server = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet",
+                             "--fixtures", fixtures, db=":memory:")
+        cls.server.wait_listening()
+        client = Client(cls.server.port)
+        assert client.request("POST", "/api/v1/orders/mailer/OrderPlaced/change/3").status == 200
+        client.close()
+
+    # the inherited tests are for the other fixture
+    test_overview_shows_streams_and_both_charts = test_names_are_shown_as_text_never_as_html = None
+    test_stream_view_shows_consumers_events_and_an_envelope = test_search_result_links_open_the_matching_view = None
+    test_unreachable_server_is_said_plainly = test_screenshot = None
+
+    def offset(self):
+        client = Client(self.server.port)
+        try:
+            return {row["consumerId"]: row["offset"] for row in client.request("GET", "/api/v1/consumers/orders").json}
+        finally:
+            client.close()
+
+    def test_streams_named_dot_and_dot_dot_open(self):
+        for name, link, events in ((".", "%2E", "Dot"), ("..", "%2E%2E", "Dots"), (".", ".", "Dot")):
+            with self.subTest(name=name, link=link):
+                dom = self.dom(f"/#/admin/streams/{link}/events")
+                self.assertEqual({row[1] for row in self.rows(dom, "events")}, {events})
+                self.assertIn(f"<strong>{name}</strong>", dom)
+
+    def test_a_malformed_link_does_not_stop_the_refresh(self):
+        for link in ("#%", "#/admin/streams/%E0%A4%A/events", "#/search?q=%"):
+            with self.subTest(link=link):
+                result = self.chromium("/" + link, "--dump-dom")
+                self.assertNotIn("connecting…", result.stdout)  # refresh() ran to its end, and goes on
+                self.assertRegex(result.stdout, r'<span id="status" class="(down)?">(live|The server answered)')
+
+    def test_a_page_on_another_local_port_cannot_seek(self):
+        page = (f'<form id="f" method="POST" action="http://{USER}:{PASSWORD}@127.0.0.1:{self.server.port}'
+                '/api/v1/orders/mailer/OrderPlaced/change/0"><input name="x" value="1"></form>'
+                '<script>document.getElementById("f").submit()</script>').encode()
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args):
+                pass
+
+        other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        try:
+            result = self.chromium(f"http://127.0.0.1:{other.server_address[1]}/", "--dump-dom")
+        finally:
+            other.shutdown()
+            other.server_close()
+        self.assertIn("Forbidden - cross-origin request", result.stdout)  # the form was sent, and refused
+        self.assertEqual(self.offset(), {"mailer": 3})
 
 
 if __name__ == "__main__":

@@ -1603,6 +1603,24 @@ class LogEscapesTest(unittest.TestCase):
         self.assertIn(r"\x9b2J", err)
 
 
+class StreamInQueryTest(ServerTest):
+    """A browser cannot send a path segment "." or ".." (nor %2E): the
+    dashboard names the stream in the query instead."""
+
+    def test_streams_named_dot_and_dot_dot_are_read_with_the_name_in_the_query(self):
+        for name in (".", ".."):
+            with self.subTest(name=name):
+                self.assertEqual(self.client.request("POST", f"/api/v1/streams/{name}/events", envelope(name + "E"),
+                                                     {"X-Producer-ID": "p"}).status, 200)
+                self.assertEqual(self.client.request("POST", f"/api/v1/{name}/c/{name}E/change/1").status, 200)
+                consumers = self.client.request("GET", f"/api/v1/consumers?stream={quote(name)}").json
+                self.assertEqual([(c["consumerId"], c["eventName"]) for c in consumers], [("c", name + "E")])
+                for method in ("GET", "POST"):
+                    events = self.client.request(method, f"/api/v1/event-period-search?stream={quote(name)}&period=1month")
+                    self.assertEqual([e["eventName"] for e in events.json], [name + "E"])
+        self.assert_error(self.client.request("GET", "/api/v1/consumers"), 400, "Bad Request - stream name is missing")
+
+
 # The Go server's other endpoints (SPEC 4) #####################################
 
 class ParityAuthTest(ServerTest):
@@ -2000,7 +2018,7 @@ class DashboardTest(ServerTest):
                 self.assertNotIn("@import", page)
                 self.assertNotIn("innerHTML", page)  # names only ever go in as text
                 for endpoint in ("/streams", "/stats/events-per-stream", "/stats/events-current-month",
-                                 "/consumers/", "/event-period-search/", "/search?_q=", "/payload"):
+                                 "/consumers?stream=", "/event-period-search?stream=", "/search?_q=", "/payload"):
                     self.assertIn(endpoint, page)
         self.assertEqual(self.client.request("POST", "/").status, 405)
 
