@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import gzip
 import http.client
+import io
 import json
 import os
 import re
@@ -1475,12 +1476,23 @@ class StorageFaultTest(FreshServerTest):
         stream = fresh()
         event = self.publish_ok(stream)
         os.remove(self.live.db)
-        for response in (self.client.publish(stream), self.client.ack(stream, event),
+        self.assert_error(self.client.publish(stream), 503,
+                          f"Service Unavailable - the database file {self.live.db} was removed: writes are refused "
+                          "until a restart, nothing was stored")
+        for response in (self.client.ack(stream, event),
                          self.client.request("POST", f"/api/v1/{stream}/c/OrderPlaced/change/1")):
             self.assert_error(response, 503, starts=f"Service Unavailable - the database file {self.live.db} was")
         health = self.client.request("GET", "/api/v1/health")
         self.assertEqual((health.status, health.json["status"]), (503, "ERROR"))
         self.assertIn("was removed", health.json["error"])
+
+    def test_a_write_committed_as_the_file_is_removed_is_not_acknowledged(self):
+        writer = self.live.store._writer  # removed in the middle of the commit, by a trigger of its INSERT
+        writer.create_function("remove_database", 0, lambda: os.remove(self.live.db))
+        writer.execute("CREATE TEMP TRIGGER remove_database AFTER INSERT ON events BEGIN SELECT remove_database(); END")
+        self.assert_error(self.client.publish(fresh()), 503,
+                          f"Service Unavailable - the database file {self.live.db} was removed while this write "
+                          "was committed: it may be lost")
 
     def test_a_full_disk_is_507_and_writes_resume_once_space_is_freed(self):
         stream = fresh()
@@ -1585,6 +1597,16 @@ class ExactNumbersTest(ServerTest):
 
 
 class LogEscapesTest(unittest.TestCase):
+
+    def test_log_lines_are_written_with_control_characters_escaped(self):
+        lines, written = eventserver.LogLines(), io.StringIO()
+        stderr, sys.stderr = sys.stderr, written
+        try:
+            lines.write("GET /\x1b[2J\x9b\ttab\n")
+            lines.flush(timeout=5)
+        finally:
+            sys.stderr = stderr
+        self.assertEqual(written.getvalue(), "GET /\\x1b[2J\\x9b\\x09tab\n")
 
     def test_control_characters_from_requests_reach_the_log_escaped(self):
         tmp = tempfile.TemporaryDirectory()
