@@ -958,11 +958,11 @@ class ReadCache:
     """What reads learnt, kept for the requests after them. Events never
     change once stored, so what was read stays true:
 
-    - answers: (stream_id, event_name, offset, limit, max_bytes) -> (full, count, JSON
-      text) of a read. A full answer (limit events, or fewer when the next
-      would pass --max-answer) holds for good; a shorter
-      one until the count of that name moves past the count read before its
-      query. Only answers up to MAX_ANSWER_BYTES are kept, ANSWERS of them.
+    - answers: (stream_id, event_name, offset, limit, max_bytes) -> (full,
+      count, JSON text) of a read. A full answer (limit events, or fewer when
+      the next would pass max_bytes) holds for good; a shorter one until the
+      count of that name moves past the count read before its query. Only
+      answers up to MAX_ANSWER_BYTES are kept, ANSWERS of them.
     - events: event_id -> (stream_id, event_name, sequence) of the events
       lately read, since consumers acknowledge what they just read: the ack
       then needs no query. Up to RECENT_EVENTS of them.
