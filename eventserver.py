@@ -2496,7 +2496,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self._body_unread = True
         detail = message if message and message != REASONS.get(code) else ""
-        reply = error_reply(HTTPError(code, detail))
+        reply = self.server.app.dialect.error_reply(HTTPError(code, detail))
         with contextlib.suppress(OSError):
             self._send(reply)
         if not self.server.app.config.quiet:
@@ -2669,8 +2669,8 @@ class Server(http.server.ThreadingHTTPServer):
         if full:
             self._warn("full", f"{self._connections} connections, the most --max-connections allows: "
                                "new ones get 503")
-            _refuse_connection(request, f"the server has {self.app.config.max_connections} connections, "
-                                        "its most: try again")
+            _refuse_connection(request, self.app.dialect.error_reply(HTTPError(
+                503, f"the server has {self.app.config.max_connections} connections, its most: try again")))
             self.shutdown_request(request)
             return
         try:
@@ -2707,18 +2707,17 @@ class Server(http.server.ThreadingHTTPServer):
         log.error("error serving %s", client_address[0], exc_info=True)
 
 
-def _refuse_connection(sock, detail):
+def _refuse_connection(sock, reply):
     """(In the accept thread.) A 503 for a connection past the cap, sent
     without waiting; over TLS, before any handshake, just the close."""
     if isinstance(sock, ssl.SSLSocket):
         return
-    body = _REPLY_JSON.encode(HTTPError(503, detail).text).encode("utf-8")
-    head = (f"HTTP/1.1 503 {REASONS[503]}\r\nServer: {Handler.server_version}\r\nContent-Type: {JSON_TYPE}\r\n"
-            f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\nRetry-After: 1\r\n"
+    head = (f"HTTP/1.1 503 {REASONS[503]}\r\nServer: {Handler.server_version}\r\nContent-Type: {reply.content_type}"
+            f"\r\nContent-Length: {len(reply.body)}\r\nX-Content-Type-Options: nosniff\r\nRetry-After: 1\r\n"
             "Connection: close\r\n\r\n")
     with contextlib.suppress(OSError):
         sock.setblocking(False)
-        sock.send(head.encode("latin-1") + body)
+        sock.send(head.encode("latin-1") + reply.body)
         sock.recv(65536)  # what the client sent already: closing on unread data would reset the answer away
 
 
