@@ -1594,10 +1594,11 @@ class Store:
                 events + " WHERE instr(lower(substr(e.envelope, e.payload_start, e.payload_size)), lower(?))"
                 " AND e.event_id != ? ORDER BY e.event_pk DESC LIMIT ?",
                 (term, term, max(0, limit - len(pairs) - len(single)))).fetchall()
+            # Plain "?" only: Python 3.12 deprecates numbered ones ("?1") given a sequence.
             streams = conn.execute(
-                "SELECT name, producer_id, instr(lower(name), lower(?1)) > 0 FROM streams"
-                " WHERE instr(lower(name), lower(?1)) OR producer_id = ?1 ORDER BY name LIMIT ?2",
-                (term, limit)).fetchall()
+                "SELECT name, producer_id, instr(lower(name), lower(?)) > 0 FROM streams"
+                " WHERE instr(lower(name), lower(?)) OR producer_id = ? ORDER BY name LIMIT ?",
+                (term, term, term, limit)).fetchall()
             consumers = conn.execute(
                 "SELECT DISTINCT s.name, o.consumer_id FROM consumer_offsets o JOIN streams s USING (stream_id)"
                 " WHERE o.consumer_id = ? ORDER BY s.name LIMIT ?", (term, limit)).fetchall()

@@ -29,6 +29,7 @@ import time
 import unittest
 import urllib.parse
 import uuid
+import warnings
 
 import eventserver
 
@@ -1891,6 +1892,17 @@ class SearchTest(FreshServerTest):
 
     def test_search_empty_database(self):
         self.assertEqual(self.results("anything"), [])
+
+    def test_search_with_deprecation_warnings_as_errors(self):
+        # Python 3.12 warns on numbered placeholders ("?1") bound to a sequence;
+        # under -W error that warning made every search a 500.
+        self.publish_ok("warned", envelope("A"), producer="warned-producer")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            self.assertEqual(self.results("warned"), [
+                ("streams", "warned", "/admin/streams/warned/events")])
+            self.assertEqual(self.results("warned-producer"), [
+                ("streams", "warned", "/admin/streams?producerId=warned-producer")])
 
 
 class PeriodSearchTest(FreshServerTest):
