@@ -10,6 +10,7 @@ import calendar
 import datetime
 import concurrent.futures
 import contextlib
+import gc
 import gzip
 import http.client
 import io
@@ -100,6 +101,22 @@ def with_client(port, action):
 
 def quote(name):
     return urllib.parse.quote(name, safe="")
+
+
+def open_database(path, **options):
+    """A connection to a database file, for a `with` block that commits and
+    then closes it (sqlite3's own `with` commits but leaves it open: Python
+    3.13 warns of every connection never closed)."""
+    return _committed_and_closed(sqlite3.connect(path, **options))
+
+
+@contextlib.contextmanager
+def _committed_and_closed(conn):
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
 
 
 class Response:
@@ -224,7 +241,7 @@ class ServerTest(unittest.TestCase):
 
     def db_rows(self, sql, *args):
         """Look at the database file directly (read-only), as an operator would."""
-        with sqlite3.connect(f"file:{self.live.db}?mode=ro", uri=True) as conn:
+        with open_database(f"file:{self.live.db}?mode=ro", uri=True) as conn:
             return conn.execute(sql, args).fetchall()
 
 
@@ -1048,7 +1065,7 @@ class InternalErrorTest(ServerTest):
     def test_internal_error_is_a_json_500_without_traceback_and_stores_nothing(self):
         stream = fresh()
         self.publish_ok(stream)
-        with sqlite3.connect(self.live.db) as conn:  # break the database under the running server
+        with open_database(self.live.db) as conn:  # break the database under the running server
             conn.execute("CREATE TRIGGER broken BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'broken'); END")
         self.addCleanup(self._restore)
         with self.assertLogs("eventserver", level="ERROR"):
@@ -1059,11 +1076,11 @@ class InternalErrorTest(ServerTest):
         self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
 
     def _restore(self):
-        with sqlite3.connect(self.live.db) as conn:
+        with open_database(self.live.db) as conn:
             conn.execute("DROP TRIGGER broken")
 
     def test_a_request_whose_write_fails_spares_the_others_in_its_commit(self):
-        with sqlite3.connect(self.live.db) as conn:  # events named Poison cannot be stored
+        with open_database(self.live.db) as conn:  # events named Poison cannot be stored
             conn.execute("CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.event_name = 'Poison'"
                          " BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
         self.addCleanup(self._drop_trigger)
@@ -1087,7 +1104,7 @@ class InternalErrorTest(ServerTest):
             self.assertEqual([e["eventId"] for e in self.client.read(stream).json], [response.json])
 
     def _drop_trigger(self):
-        with sqlite3.connect(self.live.db) as conn:
+        with open_database(self.live.db) as conn:
             conn.execute("DROP TRIGGER poison")
 
 
@@ -1454,7 +1471,7 @@ class ListLimitsTest(FreshServerTest):
         self.publish_ok("a", [envelope("A")] * 2)
         self.assertEqual(self.seek("a", "behind", "A", 0).status, 200)
         consumers = [f"consumer-{n:04d}" for n in range(2000)]
-        with sqlite3.connect(self.live.db) as conn:  # as 2000 seeks would, faster
+        with open_database(self.live.db) as conn:  # as 2000 seeks would, faster
             stream_id = conn.execute("SELECT stream_id FROM streams WHERE name = 'a'").fetchone()[0]
             conn.executemany("INSERT INTO consumer_offsets VALUES (?, 'A', ?, 2, '2020-01-01T00:00:00.000000+00:00')",
                              [(stream_id, consumer) for consumer in consumers])
@@ -1799,7 +1816,7 @@ class StatsTest(FreshServerTest):
         other_days = [day for day in range(1, days_in_month + 1) if day != today_number][:3]
         counts = dict(zip(other_days, (5, 2, 2)))
         counts[today_number] = 3
-        with sqlite3.connect(self.live.db) as conn:
+        with open_database(self.live.db) as conn:
             conn.executemany("INSERT INTO daily_counts (day, count) VALUES (?, ?)",
                              [(f"{today[:8]}{day:02d}", count) for day, count in counts.items() if day != today_number]
                              + [(f"{year - 1}-{month:02d}-{today_number:02d}", 99)])
@@ -1929,12 +1946,12 @@ class PeriodSearchTest(FreshServerTest):
     def test_period_search_excludes_older_events_and_stops_at_1000(self):
         self.publish_ok("s", [envelope("A")] * 1000)
         self.publish_ok("s", [envelope("A")] * 5)
-        with sqlite3.connect(self.live.db) as conn:  # age three events by 3 days
+        with open_database(self.live.db) as conn:  # age three events by 3 days
             conn.execute("UPDATE events SET created_at = '2000-01-01T00:00:00.000000+00:00'"
                          " WHERE event_pk IN (SELECT event_pk FROM events ORDER BY event_pk DESC LIMIT 3)")
         self.assertEqual(len(self.get_json("/event-period-search/s?period=1month")), 1000)
         self.publish_ok("t", envelope("A"))
-        with sqlite3.connect(self.live.db) as conn:
+        with open_database(self.live.db) as conn:
             conn.execute("UPDATE events SET created_at = ? WHERE event_id = (SELECT max(event_id) FROM events"
                          " JOIN streams USING (stream_id) WHERE name = 't')",
                          (eventserver.utc_now().replace(eventserver.utc_now()[:4], "2001"),))
@@ -1945,7 +1962,7 @@ class PeriodSearchTest(FreshServerTest):
                 "15 days": 360, "29 days": 696, "31 days": 744}
         ids = dict(zip(ages, self.publish_ok("s", [envelope(name) for name in ages])))
         now = datetime.datetime.now(datetime.timezone.utc)
-        with sqlite3.connect(self.live.db) as conn:
+        with open_database(self.live.db) as conn:
             for name, hours in ages.items():
                 created = (now - datetime.timedelta(hours=hours)).isoformat(timespec="microseconds")
                 conn.execute("UPDATE events SET created_at = ? WHERE event_id = ?", (created, ids[name]))
@@ -2410,7 +2427,7 @@ class GoStatsTest(GoFreshTest):
         days = calendar.monthrange(int(today[:4]), int(today[5:7]))[1]
         others = [day for day in range(1, days + 1) if day != int(today[8:])]
         counts = dict(zip(others[:4], (1, 1, 124, 3)))
-        with sqlite3.connect(self.live.db) as conn:
+        with open_database(self.live.db) as conn:
             conn.executemany("INSERT INTO daily_counts (day, count) VALUES (?, ?)",
                              [(f"{today[:8]}{day:02d}", count) for day, count in counts.items()])
         self.go_publish_ok("s")
@@ -2896,7 +2913,7 @@ class ToolsTest(unittest.TestCase):
             writer.join()
             client.close()
         self.assertEqual(result.returncode, 0, result.stderr)
-        with sqlite3.connect(self.path("backup.db")) as conn:
+        with open_database(self.path("backup.db")) as conn:
             self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
             counted = dict(conn.execute("SELECT event_name, sum(count) FROM event_counts GROUP BY event_name"))
             stored = dict(conn.execute("SELECT event_name, count(*) FROM events GROUP BY event_name"))
@@ -2914,7 +2931,7 @@ class ToolsTest(unittest.TestCase):
 def _count_rows(db, table):
     if not os.path.exists(db):
         return 0
-    with sqlite3.connect(db) as conn:
+    with open_database(db) as conn:
         try:
             return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         except sqlite3.OperationalError:
@@ -2965,7 +2982,7 @@ class OperationsTest(unittest.TestCase):
             for _ in range(requests // 500):
                 sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n" * 500)
                 self.assertEqual({_read_reply(answers)[0] for _ in range(500)}, {200})
-        metrics = Client(process.port).request("GET", "/api/v1/metrics").body.decode()
+        metrics = with_client(process.port, lambda c: c.request("GET", "/api/v1/metrics")).body.decode()
         dropped = int(re.search(r"^log_lines_dropped_total (\d+)$", metrics, re.M).group(1))
         self.assertGreater(dropped, 0)
         process.proc.send_signal(signal.SIGTERM)
@@ -3175,7 +3192,7 @@ class CommandLineTest(unittest.TestCase):
     def test_cli_creates_schema_with_user_version_in_wal_mode(self):
         process = self.start()
         process.wait_listening()
-        with sqlite3.connect(self.db) as conn:
+        with open_database(self.db) as conn:
             self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], eventserver.SCHEMA_VERSION)
             self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
 
@@ -3204,6 +3221,7 @@ class CommandLineTest(unittest.TestCase):
         process.wait_listening()
         stream = "slow"
         client = Client(process.port)
+        self.addCleanup(client.close)
         client.publish(stream)
         client.read(stream)
         # a long-poll read is in flight; SIGTERM must answer it, then exit 0
@@ -3306,7 +3324,7 @@ class CrashTest(unittest.TestCase):
         missing = [pair for pair in acknowledged if stored.get(pair[1]) != pair[0]]
         self.assertEqual(missing, [])
         client.close()
-        with sqlite3.connect(db) as conn:
+        with open_database(db) as conn:
             self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")
             for stream_id, name, count, top, events in conn.execute(
                     "SELECT c.stream_id, c.event_name, c.count, max(e.sequence), count(e.event_pk)"
@@ -3319,12 +3337,27 @@ class CrashTest(unittest.TestCase):
 
 def main():
     """unittest's main, closing with the plain "N passed, N failed" line
-    that CI reads (unittest's own "OK" is not one it knows)."""
+    that CI reads (unittest's own "OK" is not one it knows). Under -W error
+    (make test-pythons), a warning raised where nobody can catch it (a
+    ResourceWarning for a file or connection never closed, in __del__) fails
+    the run too: unittest cannot see it."""
+    unraisable = []
+    default_hook = sys.unraisablehook
+
+    def hook(report):
+        unraisable.append(report.exc_value)
+        default_hook(report)
+
+    sys.unraisablehook = hook
     result = unittest.main(module="__main__", exit=False, verbosity=2).result
+    gc.collect()  # objects in reference cycles (sqlite3 connections) warn only when collected
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     print(f"tests: {result.testsRun - failed - skipped} passed, {failed} failed, {skipped} skipped")
-    sys.exit(0 if result.wasSuccessful() and result.testsRun else 1)
+    if unraisable:
+        print(f"and {len(unraisable)} warnings or errors raised where no test could catch them "
+              f"(see above): {sorted({type(error).__name__ for error in unraisable})}")
+    sys.exit(0 if result.wasSuccessful() and result.testsRun and not unraisable else 1)
 
 
 if __name__ == "__main__":
