@@ -175,6 +175,12 @@ FLAGS = [
     ("fixtures", _text, None, "NDJSON file of {stream, producerId, envelope} lines to publish at start"),
     ("compat", _choice("readme", "go"), "readme", "readme: answer as the Go server's README says; go: as the "
                                                   "Go server itself answers (see Dialects)"),
+    ("port-file", _text, None, "write the URL to this file (atomically) once the server accepts "
+                               "connections; removed at exit"),
+    ("allow-reset", _switch, "no", "answer POST /api/v1/reset and DELETE /api/v1/streams/<stream>, "
+                                   "which remove data (for test suites)"),
+    ("log-format", _choice("text", "json"), "text", "access and error log lines: text, or one JSON "
+                                                    "object per line"),
 ]
 ALSO_FROM = {"user": "AUTH_USER", "password": "AUTH_PASS"}  # the Go server's variable names
 
@@ -341,8 +347,12 @@ class LogLines:
                 sys.stderr.write(line)
                 if self._lines.empty():
                     if self.dropped != reported:
-                        sys.stderr.write(f"{utc_now()[:23]}Z eventserver: {self.dropped - reported} log lines "
-                                         f"dropped while stderr was not read ({self.dropped} in all)\n")
+                        notice = (f"{self.dropped - reported} log lines dropped while stderr "
+                                  f"was not read ({self.dropped} in all)")
+                        if line.startswith("{"):  # in the format of the lines around it
+                            sys.stderr.write(_json_log_line(time.time(), "WARNING", notice))
+                        else:
+                            sys.stderr.write(f"{utc_now()[:23]}Z eventserver: {notice}\n")
                         reported = self.dropped
                     sys.stderr.flush()
             except (OSError, ValueError):  # stderr closed: nowhere to say it
@@ -359,13 +369,34 @@ class LogLines:
 
 LOG_LINES = LogLines()
 
+_LOG_JSON = json.JSONEncoder()  # ASCII only: no control character of a request reaches the log raw
+
+
+def _json_log_line(created, level, message):
+    """--log-format json: a line of the server's own as {"time", "level", "message"}."""
+    moment = datetime.datetime.fromtimestamp(created, datetime.timezone.utc)
+    return _LOG_JSON.encode({"time": moment.isoformat(timespec="milliseconds")[:23] + "Z",
+                             "level": level, "message": message}) + "\n"
+
 
 class _QueuedLogHandler(logging.Handler):
-    """The logging module's records, through LOG_LINES."""
+    """The logging module's records, through LOG_LINES: text, or with
+    json_format one JSON object each (a traceback in its message)."""
+
+    def __init__(self, json_format=False):
+        super().__init__()
+        self.json_format = json_format
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def emit(self, record):
         try:
-            LOG_LINES.write(self.format(record) + "\n")
+            if self.json_format:
+                message = record.getMessage()
+                if record.exc_info:
+                    message += "\n" + self.formatter.formatException(record.exc_info)
+                LOG_LINES.write(_json_log_line(record.created, record.levelname, message))
+            else:
+                LOG_LINES.write(self.format(record) + "\n")
         except Exception:
             self.handleError(record)
 
@@ -2542,8 +2573,15 @@ def _http_date():
 
 
 def log_access(handler, reply, milliseconds):
-    """One line per request on stderr: method, path, status, bytes, ms,
-    client ID; for a request line that could not be read, "-" and the line."""
+    """One line per request on stderr: time, client address, method, path,
+    status, body bytes, milliseconds, producer or consumer ID; for a request
+    line that could not be read, "-" and the line (JSON: method null)."""
+    if handler.server.app.config.log_format == "json":
+        LOG_LINES.write(_LOG_JSON.encode({
+            "time": utc_now()[:23] + "Z", "client": handler.client_address[0], "method": handler.command,
+            "path": handler.path if handler.command else handler.requestline[:200], "status": reply.status,
+            "bytes": len(reply.body), "ms": round(milliseconds, 1), "clientId": handler.client_id or None}) + "\n")
+        return
     request = f"{handler.command} {handler.path}" if handler.command else f"- {handler.requestline[:200]!r}"
     LOG_LINES.write(f"{utc_now()[:23]}Z {handler.client_address[0]} {request}"
                     f" {reply.status} {len(reply.body)} {milliseconds:.1f}ms {handler.client_id or '-'}\n")
@@ -3982,13 +4020,14 @@ def _url_host(host):
 
 def main(argv=None):
     handler = _QueuedLogHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in TOOLS:
             return run_tool(argv[0], argv[1:], os.environ)
-        return serve(parse_config(argv, os.environ))
+        config = parse_config(argv, os.environ)
+        handler.json_format = config.log_format == "json"
+        return serve(config)
     except ConfigError as error:
         print(f"eventserver: {error}", file=sys.stderr)
         return 2
