@@ -1035,12 +1035,18 @@ class _Transaction:
     the whole batch; the streams it created were written at once (for their
     IDs). Kept in the store's state in memory, with the counts, once committed.
 
+    known_streams are the committed streams as this transaction sees them:
+    the store's own, until a reset or a stream's removal in it (forget)
+    leaves fewer for the writes after. (Counts and offsets need no such view:
+    they are kept by stream ID, and a stream's ID is never used again.)
+
     SQLite's transaction begins only when a statement needs it (execute):
     often the batch's INSERT is all there is, and runs alone (see Store._write)."""
 
-    __slots__ = ("conn", "begun", "now", "events", "counts", "sizes", "offsets", "streams")
+    __slots__ = ("conn", "begun", "now", "events", "counts", "sizes", "offsets", "streams", "known_streams",
+                 "forgot")
 
-    def __init__(self, conn):
+    def __init__(self, conn, known_streams):
         self.conn = conn
         self.begun = False
         self.now = utc_now()  # the time of every event and offset the transaction writes
@@ -1049,13 +1055,29 @@ class _Transaction:
         self.sizes = {}  # (stream_id, event_name) -> the largest new envelope in bytes (or more)
         self.offsets = {}  # (stream_id, event_name, consumer_id) -> (offset, moved_at)
         self.streams = {}  # name -> (stream_id, producer_id)
+        self.known_streams = known_streams
+        self.forgot = False  # a reset or a stream removed: the state in memory is rebuilt at the commit
 
     def snapshot(self):
-        return len(self.events), dict(self.counts), dict(self.sizes), dict(self.offsets), dict(self.streams)
+        return (len(self.events), dict(self.counts), dict(self.sizes), dict(self.offsets), dict(self.streams),
+                self.known_streams, self.forgot)
 
     def restore(self, saved):
         del self.events[saved[0]:]
-        self.counts, self.sizes, self.offsets, self.streams = saved[1:]
+        self.counts, self.sizes, self.offsets, self.streams, self.known_streams, self.forgot = saved[1:]
+
+    def forget(self, stream_id=None):
+        """Drop one stream (every stream, given none) from what this
+        transaction has written and knows; its rows are deleted already."""
+        def kept(by_stream):
+            return {key: value for key, value in by_stream.items() if stream_id is not None and key[0] != stream_id}
+
+        self.events[:] = [row for row in self.events if stream_id is not None and row[1] != stream_id]
+        self.counts, self.sizes, self.offsets = kept(self.counts), kept(self.sizes), kept(self.offsets)
+        self.streams, self.known_streams = (
+            {name: value for name, value in streams.items() if stream_id is not None and value[0] != stream_id}
+            for streams in (self.streams, self.known_streams))
+        self.forgot = True
 
     def execute(self, sql, parameters=()):
         """Run a statement in the transaction, beginning it if need be."""
@@ -1091,6 +1113,9 @@ class Store:
         # (stream_id, event_name) -> (first sequence committed by this process, the largest of those
         # envelopes in bytes, or an upper bound): whether a read's events all fit in its byte budget.
         self._sizes = {}
+        # Stream IDs are never used twice in a process, not even after a reset: what the
+        # read cache keeps by stream ID cannot be taken for a stream made after.
+        self._last_stream_id = 0
         self.cache = ReadCache()
         self.waiters = Waiters()
         self.closed = False
@@ -1129,6 +1154,7 @@ class Store:
         self._offsets = {(stream_id, name, consumer_id): offset for stream_id, name, consumer_id, offset
                          in conn.execute("SELECT stream_id, event_name, consumer_id, consumer_offset"
                                          " FROM consumer_offsets")}
+        self._last_stream_id = conn.execute("SELECT coalesce(max(stream_id), 0) FROM streams").fetchone()[0]
 
     def _read_only(self):
         """Why the database cannot be written (a read-only file or file
@@ -1292,7 +1318,7 @@ class Store:
         if self._refuse_if_files_moved(batch):
             return
         conn = self._writer
-        tx = _Transaction(conn)
+        tx = _Transaction(conn, self._streams)
         try:
             for ticket in batch:
                 saved, changes = tx.snapshot(), conn.total_changes
@@ -1332,13 +1358,25 @@ class Store:
                     if ticket.error is None:
                         ticket.result, ticket.error = None, HTTPError(
                             503, f"{problem} while this write was committed: it may be lost")
+            sizes = dict(self._sizes) if tx.forgot else self._sizes
             for key, size in tx.sizes.items():  # before the counts: a read takes the count, then the sizes
-                first, largest = self._sizes.get(key, (1, 0))
-                self._sizes[key] = (first, max(largest, size))
-            self._counts.update(tx.counts)
-            self._offsets.update((key, offset) for key, (offset, _) in tx.offsets.items())
-            self._streams.update(tx.streams)
-            self.waiters.wake(tx.counts)
+                first, largest = sizes.get(key, (1, 0))
+                sizes[key] = (first, max(largest, size))
+            if tx.forgot:  # a reset or a stream removed: only what belongs to the streams left is kept
+                streams = {**tx.known_streams, **tx.streams}
+                left = {stream_id for stream_id, _ in streams.values()}
+                counts, offsets = {**self._counts, **tx.counts}, dict(self._offsets)
+                offsets.update((key, offset) for key, (offset, _) in tx.offsets.items())
+                self._sizes = {key: size for key, size in sizes.items() if key[0] in left}
+                self._counts = {key: count for key, count in counts.items() if key[0] in left}
+                self._offsets = {key: offset for key, offset in offsets.items() if key[0] in left}
+                self._streams = streams
+                self.waiters.wake_all()  # the long polls of a stream removed answer; the others wait on
+            else:
+                self._counts.update(tx.counts)
+                self._offsets.update((key, offset) for key, (offset, _) in tx.offsets.items())
+                self._streams.update(tx.streams)
+                self.waiters.wake(tx.counts)
         for ticket in batch:
             ticket.done = True
 
@@ -1364,7 +1402,9 @@ class Store:
 
     def _stream(self, name, tx=None):
         """(stream_id, producer_id) of a stream, or None if it has never been written to."""
-        return (tx and tx.streams.get(name)) or self._streams.get(name)
+        if tx is None:
+            return self._streams.get(name)
+        return tx.streams.get(name) or tx.known_streams.get(name)
 
     def _stream_id(self, name, tx=None):
         """The ID of a stream that has been written to, else a 404."""
@@ -1431,8 +1471,10 @@ class Store:
                    (stream_id, key, fingerprint, ",".join(event_ids)))
 
     def create_stream(self, tx, name, producer_id, created_at):
-        stream_id = tx.execute("INSERT INTO streams (name, producer_id, created_at) VALUES (?, ?, ?)",
-                               (name, producer_id, created_at)).lastrowid
+        self._last_stream_id += 1  # (in the writer thread only) a rolled-back one is not used again
+        stream_id = self._last_stream_id
+        tx.execute("INSERT INTO streams (stream_id, name, producer_id, created_at) VALUES (?, ?, ?, ?)",
+                   (stream_id, name, producer_id, created_at))
         tx.streams[name] = (stream_id, producer_id)
         return stream_id
 
@@ -1457,7 +1499,9 @@ class Store:
         consumer's offset, oldest first (the stored text, spliced, not
         re-encoded), and no more than max_bytes of them: fewer events then,
         but always one at least, so that no event is too big to be read."""
-        stream_id = self._stream_id(stream)
+        return self._read(self._stream_id(stream), event_name, consumer_id, limit, max_bytes)
+
+    def _read(self, stream_id, event_name, consumer_id, limit, max_bytes):
         offset = self._offsets.get((stream_id, event_name, consumer_id), 0)
         count = self._counts.get((stream_id, event_name), 0)  # read before the query: see ReadCache
         if offset >= count:
@@ -1502,10 +1546,13 @@ class Store:
         """Like read, but when nothing is there, wait up to seconds for an
         event of that name to be committed to the stream (long poll)."""
         deadline = time.monotonic() + seconds
-        key = (self._stream_id(stream), event_name)
+        stream_id = self._stream_id(stream)
+        key = (stream_id, event_name)
         while True:
             with self.waiters.waiting(key) as woken:  # before reading: a commit in between is not missed
-                events = self.read(stream, event_name, consumer_id, limit, max_bytes)
+                if (self._stream(stream) or (None,))[0] != stream_id:
+                    return "[]"  # removed while it waited (a reset): answered with what is there
+                events = self._read(stream_id, event_name, consumer_id, limit, max_bytes)
                 remaining = deadline - time.monotonic()
                 if events != "[]" or remaining <= 0 or self.closed or stopping():
                     return events
@@ -1532,6 +1579,8 @@ class Store:
         _, event_name, sequence = found
 
         def work(tx):
+            if (self._stream(stream, tx) or (None,))[0] != stream_id:
+                raise not_found(f"stream {stream} not found")  # removed (a reset) since it was looked up
             offset = self._offset(tx, stream_id, event_name, consumer_id)
             if sequence <= offset and retry_is_done:
                 return sequence  # a retried ACK: already done
@@ -1694,6 +1743,34 @@ class Store:
             past[event_id] = list(state[1])
         return [(event_id, name, created_at, past[event_id]) for event_id, name, _, created_at in events]
 
+    # -- between tests (--allow-reset) ----------------------------------------
+
+    def reset(self):
+        """Remove every stream, event, consumer offset and idempotency key, in
+        one transaction: the store is as new (long polls are answered)."""
+        def work(tx):
+            for table in ("idempotency_keys", "consumer_offsets", "events", "event_counts", "daily_counts",
+                          "streams"):
+                tx.execute(f"DELETE FROM {table}")
+            tx.forget()
+
+        self.transact(work)
+
+    def remove_stream(self, stream):
+        """Remove one stream with its events, offsets and idempotency keys, in
+        one transaction; its name is free for any producer after."""
+        def work(tx):
+            stream_id = self._stream_id(stream, tx)
+            for day, count in tx.execute("SELECT substr(created_at, 1, 10), count(*) FROM events"
+                                         " WHERE stream_id = ? GROUP BY 1", (stream_id,)).fetchall():
+                tx.execute("UPDATE daily_counts SET count = count - ? WHERE day = ?", (count, day))
+            tx.execute("DELETE FROM daily_counts WHERE count <= 0")
+            for table in ("idempotency_keys", "consumer_offsets", "events", "event_counts", "streams"):
+                tx.execute(f"DELETE FROM {table} WHERE stream_id = ?", (stream_id,))
+            tx.forget(stream_id)
+
+        self.transact(work)
+
     def health_problem(self):
         """Why the database does not answer, or cannot be written, or None."""
         problem = self.read_only or self.file_problem()
@@ -1811,6 +1888,12 @@ ROUTES = [
     ("GET",  "/admin/streams",                               "dashboard"),
     ("GET",  "/admin/streams/{stream}/events",               "dashboard"),
     ("GET",  "/admin/streams/{stream}/consumers",            "dashboard"),
+]
+
+# Only with --allow-reset, for test suites: without it these are unknown routes.
+RESET_ROUTES = [
+    ("POST",   "/api/v1/reset",                              "reset"),
+    ("DELETE", "/api/v1/streams/{stream}",                   "remove_stream"),
 ]
 
 PUBLIC = {"health"}  # answered without credentials
@@ -2009,6 +2092,16 @@ def dashboard(request):
     return Reply(200, DASHBOARD_HTML, "text/html; charset=utf-8", DASHBOARD_HEADERS)
 
 
+def reset(request):
+    request.app.store.reset()
+    return json_reply("OK")
+
+
+def remove_stream(request):
+    request.app.store.remove_stream(request.stream())
+    return json_reply("OK")
+
+
 # -- framing -------------------------------------------------------------------
 
 class Request:
@@ -2200,9 +2293,10 @@ class App:
         self.config = config
         self.store = store
         self.dialect = DIALECTS[config.compat]
-        self.router = Router(self.dialect.routes)
+        self.router = Router(self.dialect.routes + (RESET_ROUTES if config.allow_reset else []))
         self.stopping = threading.Event()
         self._in_flight = set()  # handlers serving a request
+        self._connections = set()  # handlers of every open connection
         self._user = config.user.encode("utf-8")
         self._password = config.password.encode("utf-8")
         self._expected = ("Basic " + base64.b64encode(self._user + b":" + self._password).decode()).encode()
@@ -2272,6 +2366,19 @@ class App:
         deadline = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < deadline:
             time.sleep(0.01)
+
+    def connected(self, handler):
+        self._connections.add(handler)
+
+    def disconnected(self, handler):
+        self._connections.discard(handler)
+
+    def close_connections(self):
+        """Cut the connections still open (idle keep-alives, once drained):
+        their threads end now, not when --timeout runs out."""
+        for handler in list(self._connections):
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(handler.connection, socket.SHUT_RDWR)  # the thread's recv returns
 
 
 class Headers(dict):
