@@ -236,6 +236,22 @@ def server_arguments(parser):
             parser.add_argument(f"--{name}", help=f"{meaning} ({shown})")
 
 
+def options_config(options):
+    """The Config of running(**options): options named as the flags, with
+    "_" for "-" (max_body=10, allow_reset=True), any value that the flag
+    would take as text; the environment is not read."""
+    attributes = {name.replace("-", "_"): kind for name, kind, _, _ in FLAGS}
+    args = argparse.Namespace(**dict.fromkeys(attributes))
+    for attribute, value in options.items():
+        if attribute not in attributes:
+            raise TypeError(f"unknown option {attribute!r}: options are the flags' names, with _ for -")
+        if value is not None:
+            if attributes[attribute] is _switch and isinstance(value, bool):
+                value = "yes" if value else "no"
+            setattr(args, attribute, os.fspath(value) if isinstance(value, os.PathLike) else str(value))
+    return Config(args, {})
+
+
 def parse_config(argv, environ):
     parser = _ArgumentParser(prog="eventserver.py", description=__doc__.split("\n\n")[0],
                              epilog="Also: eventserver.py export|import|backup --help")
@@ -2425,6 +2441,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.server.deadlines.unwatch(self)
         elif seconds:
             _kernel_timeout(self.connection, seconds)
+        self.server.app.connected(self)
 
     def handle_one_request(self):
         """Wait (up to --timeout) for a request to begin, then read its head
@@ -2643,9 +2660,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log_access(self, reply, 0.0)
 
     def finish(self):
-        super().finish()
-        if self._body_unread:
-            self._linger()
+        try:
+            super().finish()
+            if self._body_unread:
+                self._linger()
+        finally:
+            self.server.app.disconnected(self)
 
     def _linger(self):
         """Read and drop what the client still sends of a body refused unread
@@ -4032,43 +4052,141 @@ def run_tool(command, argv, environ):
     return 0
 
 
+# Running a server: in a test's process, or from the command line ############
+
+class RunningServer:
+    """A server running in this process, on threads of its own (the accept
+    thread, a thread per connection, the writer thread): what running()
+    yields, and what serve() runs until a signal. Start and stop are the
+    same code for both.
+
+    url ("http://127.0.0.1:PORT/"), host, port, user, password and db (the
+    database file, a temporary one for ":memory:") are what a client needs;
+    store and httpd (the Store, the HTTP server) what a test may look into."""
+
+    def __init__(self, config, announce=None):
+        """Start serving (StoreError, ConfigError or OSError if it cannot;
+        nothing is left behind then). announce(self) is called once the
+        server accepts connections, before the port file is written."""
+        self.config = config
+        self.user, self.password = config.user, config.password
+        self._stopped = False
+        # What start made, undone in reverse order by stop(): the port file, the accept
+        # loop, the listening socket, the requests in flight, the store, a temporary database.
+        self._undo = contextlib.ExitStack()
+        try:
+            self.db = self._undo.enter_context(_database_file(config.db))
+            self.store = Store(self.db, config.sync)
+            self._undo.callback(self.store.close)
+            if config.fixtures:
+                load_fixtures(self.store, config.fixtures)
+            self.httpd = make_server(config, self.store)
+            self._undo.callback(self.httpd.app.close_connections)
+            self._undo.callback(self.httpd.app.drain, timeout=config.timeout or 30)
+            self._undo.callback(self.httpd.server_close)
+            host, self.port = self.httpd.server_address[:2]
+            self.host = host
+            self.url = f"{'https' if config.certfile else 'http'}://{_url_host(host)}:{self.port}/"
+            threading.Thread(target=self.httpd.serve_forever, args=(POLL_SECONDS,), name="accept",
+                             daemon=True).start()
+            self._undo.callback(self.httpd.shutdown)  # only once serve_forever runs: it waits for it
+            if announce is not None:
+                announce(self)
+            if config.port_file:
+                _write_port_file(config.port_file, self.url)
+                self._undo.callback(_remove_port_file, config.port_file, self.url)
+        except BaseException:
+            self._undo.close()
+            raise
+
+    def reset(self):
+        """Remove every stream, event, offset and idempotency key, as POST
+        /api/v1/reset does (which needs allow_reset; this does not)."""
+        self.store.reset()
+
+    def stop(self):
+        """Stop (once): the port file removed, no new connections, requests
+        in flight finish and long polls are answered, idle connections are
+        closed, the database is closed (and removed if temporary)."""
+        if not self._stopped:
+            self._stopped = True
+            self._undo.close()
+
+
+@contextlib.contextmanager
+def running(**options):
+    """A server on a free port in background threads of this process, for a
+    test suite: `with eventserver.running() as server:` yields a
+    RunningServer (server.url, .user, .password, .db); leaving the block
+    stops it and removes what it made, within a few tens of milliseconds.
+
+    The options are the flags' names with "_" for "-" (db, user, password,
+    fixtures, allow_reset, sync, max_body, ...). Unlike the command line: a
+    temporary database unless db is given, port 0 unless port is given,
+    quiet unless quiet=False, and the environment is not read. Credentials
+    are generated unless given. Nothing is global (no signal handler, no
+    logging set up, nothing printed): several can run at once."""
+    server = RunningServer(options_config({"port": 0, "db": ":memory:", "quiet": True, **options}))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _write_port_file(path, url):
+    """Write url to path atomically: whoever waits for the file reads all of it or nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        descriptor, temporary = tempfile.mkstemp(prefix=".eventserver-port-", dir=folder)
+        try:
+            with os.fdopen(descriptor, "w") as out:
+                out.write(url + "\n")
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError as error:
+        raise ConfigError(f"cannot write --port-file {path}: {error.strerror or error}") from None
+
+
+def _remove_port_file(path, url):
+    """Remove the port file, unless it no longer holds our URL (another server's now)."""
+    with contextlib.suppress(OSError):
+        with open(path) as written:
+            if written.read().strip() != url:
+                return
+        os.unlink(path)
+
+
 # Command line ################################################################
 
 def serve(config):
     """Run the server until SIGINT or SIGTERM; return the exit code."""
-    with _database_file(config.db) as path:
-        try:
-            store = Store(path, config.sync)
-        except StoreError as error:
-            print(f"eventserver: {error}", file=sys.stderr)
-            return 1
-        try:
-            if config.fixtures:
-                load_fixtures(store, config.fixtures)
-            server = make_server(config, store)
-        except (ConfigError, OSError) as error:
-            store.close()
-            print(f"eventserver: {_one_line(error, config)}", file=sys.stderr)
-            return 1
-        stop = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
-        host, port = server.server_address[:2]
-        scheme = "https" if config.certfile else "http"
-        print(f"eventserver {__version__} listening on {scheme}://{_url_host(host)}:{port}/", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # first: a signal during the start stops it at once after
+        signal.signal(signum, lambda *_: stop.set())
+
+    def announce(server):
+        # The first line on stdout is documented as stable: scripts read the URL from it.
+        print(f"eventserver {__version__} listening on {server.url}", flush=True)
         if config.password_generated:
             print(f"no credentials configured: user {config.user}, password {config.password}", flush=True)
-        if store.read_only:
-            print(f"eventserver: {store.read_only}", file=sys.stderr, flush=True)
-        threading.Thread(target=server.serve_forever, args=(POLL_SECONDS,), name="accept", daemon=True).start()
-        while not stop.wait(1.0):
-            pass
-        server.shutdown()  # no new connections
-        server.server_close()
-        server.app.drain(timeout=config.timeout or 30)  # in-flight requests finish
-        store.close()
-        LOG_LINES.flush(timeout=1.0)
-        return 0
+        if server.store.read_only:
+            print(f"eventserver: {server.store.read_only}", file=sys.stderr, flush=True)
+
+    try:
+        server = RunningServer(config, announce)
+    except StoreError as error:
+        print(f"eventserver: {error}", file=sys.stderr)
+        return 1
+    except (ConfigError, OSError) as error:
+        print(f"eventserver: {_one_line(error, config)}", file=sys.stderr)
+        return 1
+    while not stop.wait(1.0):
+        pass
+    server.stop()
+    LOG_LINES.flush(timeout=1.0)
+    return 0
 
 
 def _one_line(error, config):

@@ -178,28 +178,23 @@ class Client:
 
 
 class LiveServer:
-    """An eventserver in this process, on port 0, over a fresh database file."""
+    """An eventserver in this process (eventserver.RunningServer, as
+    eventserver.running() starts it), on port 0, over a fresh database file."""
 
     def __init__(self, *flags):
         self.tmp = tempfile.TemporaryDirectory()
         self.db = os.path.join(self.tmp.name, "events.db")
         argv = ["--port", "0", "--db", self.db, "--user", USER, "--password", PASSWORD, "--quiet",
                 *flags]
-        self.config = eventserver.parse_config(argv, {})
-        self.store = eventserver.Store(self.config.db, self.config.sync)
-        self.server = eventserver.make_server(self.config, self.store)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(eventserver.POLL_SECONDS,), daemon=True)
-        self.thread.start()
+        self.running = eventserver.RunningServer(eventserver.parse_config(argv, {}))
+        self.config, self.store, self.server = self.running.config, self.running.store, self.running.httpd
+        self.port = self.running.port
 
     def client(self):
         return Client(self.port)
 
     def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.server.app.drain(timeout=5)
-        self.store.close()
+        self.running.stop()
         self.tmp.cleanup()
 
 
