@@ -7,16 +7,21 @@ the server as a subprocess."""
 
 import base64
 import calendar
+import collections
 import datetime
 import concurrent.futures
 import contextlib
 import gc
 import gzip
 import http.client
+import importlib.util
 import io
+import itertools
 import json
 import os
+import pathlib
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -25,6 +30,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -134,12 +140,13 @@ class Response:
 class Client:
     """A keep-alive HTTP client for one server."""
 
-    def __init__(self, port, host="127.0.0.1"):
+    def __init__(self, port, host="127.0.0.1", user=USER, password=PASSWORD):
         self.host, self.port = host, port
+        self.authorization = basic(user, password)
         self.conn = http.client.HTTPConnection(host, port, timeout=15)
 
     def request(self, method, path, body=None, headers=None, auth=True):
-        all_headers = {"Authorization": basic()} if auth else {}
+        all_headers = {"Authorization": self.authorization} if auth else {}
         if isinstance(body, (dict, list)):
             body = json.dumps(body)
             all_headers["Content-Type"] = "application/json"
@@ -3030,6 +3037,875 @@ class OperationsTest(unittest.TestCase):
                 self.assertNotEqual(code, 0)
                 self.assertNotIn("Traceback", err)
                 self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+
+# As a fixture in other people's tests (SPEC 8) ###############################
+
+def client_of(server):
+    """A Client for a server that eventserver.running() started, with its credentials."""
+    return Client(server.port, user=server.user, password=server.password)
+
+
+def with_client_of(server, action):
+    """Run action(client) on a fresh connection to server, with its credentials, then close it."""
+    client = client_of(server)
+    try:
+        return action(client)
+    finally:
+        client.close()
+
+
+def _threads_end(before):
+    """Wait until every thread started since before has ended."""
+    _wait_for(lambda: not set(threading.enumerate()) - before)
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """What the log thread writes to sys.stderr meanwhile, as a list of lines."""
+    lines, real = [], sys.stderr
+
+    class Capture:
+        def write(self, text):
+            lines.extend(text.splitlines())
+
+        def flush(self):
+            pass
+
+    eventserver.LOG_LINES.flush(timeout=5)
+    sys.stderr = Capture()
+    try:
+        yield lines
+        eventserver.LOG_LINES.flush(timeout=5)
+    finally:
+        sys.stderr = real
+
+
+@contextlib.contextmanager
+def private_tempdir():
+    """tempfile's folder, for the block, an empty one of its own: what a server leaves there shows."""
+    with tempfile.TemporaryDirectory() as folder:
+        saved, tempfile.tempdir = tempfile.tempdir, folder
+        try:
+            yield folder
+        finally:
+            tempfile.tempdir = saved
+
+
+class RunningTest(unittest.TestCase):
+    """eventserver.running(): a server in the test's own process."""
+
+    def test_running_serves_with_a_generated_password_over_a_temporary_database(self):
+        before = set(threading.enumerate())
+        with private_tempdir() as folder:
+            with eventserver.running() as server:
+                self.check_serving(server, folder)
+            self.assertEqual(os.listdir(folder), [])  # the temporary database is gone
+        _threads_end(before)
+
+    def check_serving(self, server, folder):
+        self.assertEqual(server.url, f"http://127.0.0.1:{server.port}/")
+        self.assertEqual((server.host, server.user), ("127.0.0.1", "admin"))
+        self.assertGreaterEqual(len(server.password), 16)
+        self.assertTrue(os.path.isfile(server.db))
+        self.assertTrue(server.db.startswith(folder))
+        client = client_of(server)
+        self.addCleanup(client.close)
+        event_id = client.publish("orders").json
+        self.assertEqual([e["eventId"] for e in client.read("orders").json], [event_id])
+        self.assertEqual(with_client(server.port, lambda c: c.read("orders")).status, 401)
+        with eventserver.running() as other:
+            self.assertNotEqual(other.password, server.password)
+
+    def test_running_two_at_once_are_apart(self):
+        with eventserver.running() as first, eventserver.running() as second:
+            self.assertNotEqual(first.port, second.port)
+            self.assertNotEqual(first.db, second.db)
+            a, b = client_of(first), client_of(second)
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            self.assertEqual(a.publish("orders", producer="shop").status, 200)
+            self.assertEqual(b.publish("orders", producer="billing").status, 200)  # no 423: another server
+            first.reset()
+            self.assert_reads(a, "orders", 404)
+            self.assert_reads(b, "orders", 200)
+
+    def assert_reads(self, client, stream, status):
+        self.assertEqual(client.read(stream).status, status)
+
+    def test_running_options_are_the_flags_names(self):
+        with tempfile.TemporaryDirectory() as folder:
+            db, seed = os.path.join(folder, "kept.db"), os.path.join(folder, "seed.ndjson")
+            with open(seed, "w") as out:
+                for number in range(3):
+                    out.write(json.dumps({"stream": "seeded", "producerId": "shop",
+                                          "envelope": envelope(payload={"n": number})}) + "\n")
+            with eventserver.running(db=db, user="me", password="pw", fixtures=seed, max_limit=2,
+                                     allow_reset=True, sync="normal") as server:
+                self.assertEqual((server.db, server.user, server.password), (db, "me", "pw"))
+                client = client_of(server)
+                self.addCleanup(client.close)
+                self.assertEqual(len(client.read("seeded", limit=10).json), 2)  # max_limit
+                self.assertEqual(client.request("POST", "/api/v1/reset").status, 200)  # allow_reset
+                self.assertEqual(client.publish("after-reset").status, 200)
+            self.assertTrue(os.path.isfile(db))  # a database it was given stays
+            with eventserver.running(db=pathlib.Path(db), allow_reset=False) as server:
+                self.assertEqual(server.db, db)
+                client = client_of(server)
+                self.addCleanup(client.close)
+                self.assertEqual(client.request("POST", "/api/v1/reset").status, 404)
+                self.assertEqual(client.read("seeded").status, 404)  # the reset was committed
+                for stream in ("new-1", "new-2"):  # new stream IDs, after those the file has
+                    self.assertEqual(client.publish(stream).status, 200)
+                self.assertEqual(len(client.request("GET", "/api/v1/streams").json), 3)
+        with self.assertRaisesRegex(TypeError, "unknown option 'maxlimit'"):
+            eventserver.running(maxlimit=2).__enter__()
+        with self.assertRaisesRegex(eventserver.ConfigError, "positive integer"):
+            eventserver.running(max_limit=0).__enter__()
+        with self.assertRaisesRegex(eventserver.ConfigError, "user needs a password"):
+            eventserver.running(user="me").__enter__()
+
+    def test_running_does_not_read_the_environment(self):
+        saved = dict(os.environ)
+        os.environ.update({"AUTH_USER": "from-env", "AUTH_PASS": "env-pass", "EVENTSERVER_MAX_LIMIT": "1"})
+        try:
+            with eventserver.running() as server:
+                self.assertEqual(server.user, "admin")
+                client = client_of(server)
+                self.addCleanup(client.close)
+                client.publish("s", [envelope(), envelope()])
+                self.assertEqual(len(client.read("s", limit=5).json), 2)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def test_running_is_quiet_unless_asked_and_can_log_json(self):
+        for options, expect in (({}, None), ({"quiet": False}, "text"), ({"quiet": False, "log_format": "json"}, "json")):
+            marker = fresh("logged")  # this server's lines, whatever else the process logs
+            with self.subTest(options=options):
+                with captured_stderr() as lines:
+                    with eventserver.running(**options) as server:
+                        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                            sock.sendall(f"GET /api/v1/{marker}\x1b HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+                            self.assertEqual(_read_reply(sock.makefile("rb"))[0], 404)  # a control character
+                        with_client_of(server, lambda c: c.read(marker, consumer="cons-1"))
+                        with_client(server.port, lambda c: c.request("GET", f"/api/v1/health?{marker}", auth=False))
+                # A line is written once its answer is sent: three connections' lines come in any order.
+                access = sorted((line for line in lines if marker in line), key=lambda line: line.find("/streams/"))
+                if expect is None:
+                    self.assertEqual(access, [])
+                    continue
+                self.assertEqual(len(access), 3, lines)
+                if expect == "text":
+                    self.assertRegex(access[2], rf"GET /api/v1/streams/{marker}/events\?\S+ 404 \d+ \d+\.\dms cons-1$")
+                    continue
+                self.assertFalse(any("\x1b" in line for line in access))  # JSON escapes it
+                records = sorted((json.loads(line) for line in access), key=lambda record: record["path"])
+                self.assertEqual({key for record in records for key in record},
+                                 {"time", "client", "method", "path", "status", "bytes", "ms", "clientId"})
+                self.assertEqual([(r["path"][:20], r["status"], r["clientId"]) for r in records],
+                                 [(f"/api/v1/health?{marker}"[:20], 200, None),
+                                  (f"/api/v1/{marker}\x1b"[:20], 404, None),
+                                  (f"/api/v1/streams/{marker}"[:20], 404, "cons-1")])
+                self.assertEqual(records[1]["path"], f"/api/v1/{marker}\x1b")
+                self.assertRegex(records[1]["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+    def test_running_stops_at_the_end_of_the_block_and_leaves_nothing(self):
+        before = set(threading.enumerate())
+        with private_tempdir() as folder:
+            port_file = os.path.join(folder, "url")
+            with eventserver.running(port_file=port_file) as server:
+                with open(port_file) as written:
+                    self.assertEqual(written.read(), server.url + "\n")
+                idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                self.addCleanup(idle.close)
+                idle.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n")
+                self.assertEqual(_read_reply(idle.makefile("rb"))[0], 200)  # then it stays open, idle
+                client = client_of(server)
+                self.addCleanup(client.close)
+                client.publish("s")
+                waiting = concurrent.futures.ThreadPoolExecutor(1)
+                self.addCleanup(waiting.shutdown)
+                poll = waiting.submit(lambda: client.read("s", "Other", extra="&wait=20"))
+                _wait_for(lambda: server.store.waiters.count() == 1)
+                port = server.port
+            self.assertEqual(poll.result(timeout=10).json, [])  # answered at the stop
+            self.assertEqual(idle.recv(1), b"")  # the idle connection was closed
+            with self.assertRaises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=10).close()
+            self.assertEqual(os.listdir(folder), [])  # no port file, no temporary database
+        waiting.shutdown()
+        _threads_end(before)
+
+    def test_running_leaves_nothing_when_it_cannot_start(self):
+        before = set(threading.enumerate())
+        with private_tempdir() as folder:
+            bad = os.path.join(folder, "bad.ndjson")
+            with open(bad, "w") as out:
+                out.write('{"stream": "s", "producerId": "p"}\n')
+            with self.assertRaisesRegex(eventserver.ConfigError, "line 1"):
+                eventserver.running(fixtures=bad).__enter__()
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                with self.assertRaises(OSError):
+                    eventserver.running(port=taken.getsockname()[1]).__enter__()
+            with self.assertRaisesRegex(eventserver.ConfigError, "cannot write --port-file"):
+                eventserver.running(port_file=os.path.join(folder, "no", "such", "url")).__enter__()
+            self.assertEqual(os.listdir(folder), ["bad.ndjson"])
+        _threads_end(before)
+
+    def test_running_keeps_a_port_file_another_server_has_taken(self):
+        with tempfile.TemporaryDirectory() as folder:
+            port_file = os.path.join(folder, "url")
+            with eventserver.running(port_file=port_file):
+                with open(port_file, "w") as out:
+                    out.write("http://127.0.0.1:1/\n")  # a newer server wrote its own
+            with open(port_file) as written:
+                self.assertEqual(written.read(), "http://127.0.0.1:1/\n")
+
+
+class ResetTest(ServerTest):
+    """--allow-reset: POST /api/v1/reset and DELETE /api/v1/streams/<stream>."""
+
+    flags = ("--allow-reset",)
+
+    def setUp(self):
+        super().setUp()
+        self.reset()
+
+    def reset(self, client=None):
+        response = (client or self.client).request("POST", "/api/v1/reset")
+        self.assertEqual((response.status, response.json), (200, "OK"), response)
+
+    def remove(self, stream):
+        return self.client.request("DELETE", f"/api/v1/streams/{quote(stream)}")
+
+    def get_json(self, path):
+        response = self.client.request("GET", path)
+        self.assertEqual(response.status, 200, response)
+        return response.json
+
+    def test_reset_and_remove_are_unknown_routes_without_the_flag(self):
+        plain = LiveServer()
+        self.addCleanup(plain.stop)
+        client = plain.client()
+        self.addCleanup(client.close)
+        event_id = client.publish("kept").json
+        for method, path in (("POST", "/api/v1/reset"), ("DELETE", "/api/v1/streams/kept"),
+                             ("GET", "/api/v1/streams/kept")):
+            with self.subTest(method=method, path=path):
+                self.assert_error(client.request(method, path), 404, "Not Found")
+        self.assertEqual([e["eventId"] for e in client.read("kept").json], [event_id])
+
+    def test_reset_and_remove_need_credentials_and_know_their_methods(self):
+        self.publish_ok("kept")
+        anonymous = Client(self.live.port)
+        self.addCleanup(anonymous.close)
+        for method, path in (("POST", "/api/v1/reset"), ("DELETE", "/api/v1/streams/kept")):
+            with self.subTest(method=method, path=path):
+                self.assert_error(anonymous.request(method, path, auth=False), 401, "Unauthorized")
+                wrong = Client(self.live.port, password="wrong")
+                self.addCleanup(wrong.close)
+                self.assert_error(wrong.request(method, path), 401)
+        response = self.client.request("GET", "/api/v1/reset")
+        self.assert_error(response, 405, "Method Not Allowed")
+        self.assertEqual(response.headers["Allow"], "POST")
+        response = self.client.request("PUT", "/api/v1/streams/kept")
+        self.assertEqual((response.status, response.headers["Allow"]), (405, "DELETE"))
+        self.assertEqual(len(self.client.read("kept").json), 1)
+
+    def test_reset_leaves_a_server_as_new(self):
+        first = self.publish_ok("orders", producer="shop")
+        self.publish_ok("orders", [envelope("OrderShipped")], producer="shop")
+        keyed = self.client.publish("orders", envelope(), producer="shop", headers={"Idempotency-Key": "k"}).json
+        self.assertEqual(len(self.client.read("orders", limit=1).json), 1)  # a full answer, cached for good
+        self.assertEqual(self.client.ack("orders", first).status, 200)
+        self.assertEqual(self.client.request("POST", "/api/v1/orders/auditor/OrderShipped/change/1").status, 200)
+        self.reset()
+        store = self.live.store  # what it keeps in memory went too
+        self.assertEqual((store._streams, store._counts, store._offsets), ({}, {}, {}))
+        for table in ("streams", "events", "event_counts", "daily_counts", "consumer_offsets", "idempotency_keys"):
+            self.assertEqual(self.db_rows(f"SELECT count(*) FROM {table}"), [(0,)], table)
+        self.assertEqual(self.get_json("/api/v1/streams"), [])
+        self.assertIn("\nstreams_total 0\n", self.client.request("GET", "/api/v1/metrics").body.decode())
+        self.assertEqual(self.get_json("/api/v1/stats/stream-data"), [])
+        self.assertEqual({day["eventCount"] for day in self.get_json("/api/v1/stats/events-current-month")}, {0})
+        self.assertEqual(self.get_json("/api/v1/search?_q=order"), [])
+        self.assert_stream_absent("orders")
+        self.assert_error(self.client.request("GET", f"/api/v1/events/{first}/payload"), 404)
+        # ownership, sequences, offsets and keys start again
+        second = self.publish_ok("orders", producer="billing")  # another producer: no 423
+        self.assert_error(self.client.ack("orders", first), 404)  # the old event is not in the new stream
+        self.assertEqual([e["eventId"] for e in self.client.read("orders", limit=1).json], [second])  # not the cached one
+        self.assertEqual(self.client.ack("orders", second).status, 200)  # sequence 1, the consumer's offset 0
+        again = self.client.publish("orders", envelope(payload={"other": 1}), producer="billing",
+                                    headers={"Idempotency-Key": "k"})
+        self.assertEqual(again.status, 200)  # not 409: the key went with the old stream
+        self.assertNotEqual(again.json, keyed)
+        self.assertEqual(self.get_json("/api/v1/consumers/orders")[0]["offset"], 1)
+        self.assertEqual([s["producerId"] for s in self.get_json("/api/v1/streams")], ["billing"])
+
+    def test_reset_between_writes_of_one_commit(self):
+        # Writes queued behind one commit share the next transaction: those after the reset in
+        # it see an empty store (no owner, no count, no offset), those before it are undone.
+        owned = self.publish_ok("shared", producer="shop")
+        unread = self.publish_ok("shared", producer="shop")
+        self.assertEqual(self.client.ack("shared", owned).status, 200)
+        self.publish_ok("other", producer="shop")
+        store = self.live.store
+        actions = [lambda c: c.publish("shared", producer="shop"),
+                   lambda c: c.request("POST", "/api/v1/reset"),
+                   lambda c: c.publish("shared", producer="billing"),
+                   lambda c: c.ack("shared", unread),  # looked up before the reset: the stream is gone
+                   lambda c: c.request("DELETE", "/api/v1/streams/other"),
+                   lambda c: c.publish("other", producer="billing")]
+        with concurrent.futures.ThreadPoolExecutor(len(actions)) as pool:
+            store.writes.lock.acquire()
+            try:
+                futures = []
+                for action in actions:  # queued one after the other, in this order
+                    futures.append(pool.submit(with_client, self.live.port, action))
+                    _wait_for(lambda: store.writes.queued() == len(futures))
+            finally:
+                store.writes.lock.release()
+            responses = [future.result(timeout=10) for future in futures]
+        self.assertEqual([r.status for r in responses], [200, 200, 200, 404, 404, 200], responses)
+        self.assertEqual([(s["streamName"], s["producerId"], s["eventsCount"], s["consumers"])
+                          for s in self.get_json("/api/v1/streams")],
+                         [("other", "billing", 1, 0), ("shared", "billing", 1, 0)])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM events"), [(2,)])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM consumer_offsets"), [(0,)])
+        self.assertEqual([e["eventId"] for e in self.client.read("shared").json], [responses[2].json])
+
+    def test_reset_answers_waiting_long_polls(self):
+        self.publish_ok("waited")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            polls = [pool.submit(with_client, self.live.port,
+                                 lambda c: c.read("waited", "Later", extra="&wait=20")) for _ in range(2)]
+            _wait_for(lambda: self.live.store.waiters.count() == 2)
+            self.reset()
+            answers = [poll.result(timeout=10) for poll in polls]
+        self.assertEqual([(a.status, a.json) for a in answers], [(200, [])] * 2)
+
+    def test_reset_is_one_transaction(self):
+        event_id = self.publish_ok("orders")
+        self.assertEqual(self.client.ack("orders", event_id).status, 200)
+        self.publish_ok("orders")
+        with open_database(self.live.db) as conn:  # the last of its deletes fails
+            conn.execute("CREATE TRIGGER kept BEFORE DELETE ON streams BEGIN SELECT RAISE(ABORT, 'kept'); END")
+        self.addCleanup(self._drop_trigger)
+        with self.assertLogs("eventserver", level="ERROR"):
+            self.assert_error(self.client.request("POST", "/api/v1/reset"), 500, starts="Internal Server Error")
+        for table, rows in (("events", 2), ("consumer_offsets", 1), ("event_counts", 1), ("streams", 1)):
+            self.assertEqual(self.db_rows(f"SELECT count(*) FROM {table}"), [(rows,)], table)
+        self.assertEqual(len(self.client.read("orders").json), 1)  # past the offset, as before
+        self.assertEqual(self.client.publish("orders", producer="other").status, 423)
+
+    def _drop_trigger(self):
+        with open_database(self.live.db) as conn:
+            conn.execute("DROP TRIGGER kept")
+
+    def test_remove_stream_removes_that_stream_only(self):
+        gone = self.publish_ok("gone", producer="shop")
+        self.publish_ok("gone", [envelope(), envelope("Other")], producer="shop")
+        self.client.publish("gone", envelope(), producer="shop", headers={"Idempotency-Key": "k"})
+        self.assertEqual(self.client.ack("gone", gone).status, 200)
+        kept = self.publish_ok("kept", producer="shop")
+        self.assertEqual(self.client.ack("kept", kept).status, 200)
+        self.publish_ok("kept", producer="shop")
+        today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+        def events_today():
+            return [d["eventCount"] for d in self.get_json("/api/v1/stats/events-current-month") if d["date"] == today]
+
+        self.assertEqual(events_today(), [6])
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            on_gone = pool.submit(with_client, self.live.port, lambda c: c.read("gone", "Later", extra="&wait=20"))
+            on_kept = pool.submit(with_client, self.live.port, lambda c: c.read("kept", "Later", extra="&wait=20"))
+            _wait_for(lambda: self.live.store.waiters.count() == 2)
+            response = self.remove("gone")
+            self.assertEqual((response.status, response.json), (200, "OK"))
+            self.assertEqual(on_gone.result(timeout=10).json, [])
+            _wait_for(lambda: self.live.store.waiters.count() == 1)  # the other stream's poll waits on
+            self.assertFalse(on_kept.done())
+            later = self.publish_ok("kept", envelope("Later"), producer="shop")
+            self.assertEqual([e["eventId"] for e in on_kept.result(timeout=10).json], [later])
+        self.assert_stream_absent("gone")
+        self.assertEqual(events_today(), [3])
+        self.assertEqual([s["streamName"] for s in self.get_json("/api/v1/streams")], ["kept"])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM events"), [(3,)])
+        self.assertEqual(self.db_rows("SELECT count(*) FROM idempotency_keys"), [(0,)])
+        self.assertEqual(len(self.client.read("kept").json), 1)  # its offset kept
+        self.publish_ok("gone", producer="billing")  # free for another producer
+        self.assert_error(self.remove("never-there"), 404, "Not Found - stream never-there not found")
+        self.assert_error(self.remove("bad\x7fname"), 400, starts="Bad Request - ")
+
+    def test_reset_among_concurrent_writes_leaves_memory_and_database_agreeing(self):
+        streams = [f"busy-{index}" for index in range(4)]
+        stop = threading.Event()
+        answers = collections.Counter()
+
+        def publisher(stream):
+            client = Client(self.live.port)
+            try:
+                for number in range(60):
+                    if stop.is_set():
+                        break
+                    body = envelope(payload={"n": number}) if number % 2 else [envelope(), envelope("Other")]
+                    answers[client.publish(stream, body, producer=f"owner-{stream}").status] += 1
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=publisher, args=(stream,)) for stream in streams]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(4):
+                published = sum(answers.values())
+                _wait_for(lambda: sum(answers.values()) > published + 5 or not any(t.is_alive() for t in threads))
+                self.reset()
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        self.assertEqual(set(answers), {200})  # never a 423: a stream's owner went with it
+        for stream in streams:
+            for name in ("OrderPlaced", "Other"):
+                stored = self.db_rows("SELECT count(*) FROM events e JOIN streams s USING (stream_id)"
+                                      " WHERE s.name = ? AND e.event_name = ?", stream, name)[0][0]
+                response = self.client.read(stream, name, limit=1000)
+                events = response.json if response.status == 200 else []
+                self.assertEqual(len(events), stored, (stream, name))
+                for item in events:  # sequences 1, 2, 3... as the database has them
+                    self.assertEqual(self.client.ack(stream, item["eventId"]).status, 200)
+
+
+class FixtureCommandLineTest(unittest.TestCase):
+    """Out of process: the port file, the start-up line, the environment, JSON logs."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.db = os.path.join(self.tmp.name, "events.db")
+
+    def test_port_file_holds_the_url_once_accepting_and_is_removed_at_exit(self):
+        folder = os.path.join(self.tmp.name, "run")
+        os.mkdir(folder)
+        port_file = os.path.join(folder, "url")
+        process = Process("--port", "0", "--port-file", port_file, "--user", USER, "--password", PASSWORD,
+                          "--quiet", db=self.db)
+        self.addCleanup(process.stop)
+        _wait_for(lambda: os.path.exists(port_file) or process.proc.poll() is not None)
+        with open(port_file) as written:
+            url = written.read()
+        self.assertRegex(url, r"^http://127\.0\.0\.1:\d+/\n$")
+        port = int(url.rsplit(":", 1)[1].strip("/\n"))
+        self.assertEqual(with_client(port, lambda c: c.request("GET", "/api/v1/health")).status, 200)
+        self.assertEqual(process.proc.stdout.readline(), f"eventserver {eventserver.__version__} listening on {url}")
+        self.assertEqual(os.listdir(folder), ["url"])  # written in place: no temporary file left
+        process.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(process.finish()[0], 0)
+        self.assertEqual(os.listdir(folder), [])
+
+    def test_port_file_that_cannot_be_written_is_a_start_up_error(self):
+        line = _refused(self, "--port", "0", "--db", self.db,
+                        "--port-file", os.path.join(self.tmp.name, "missing", "url"))
+        self.assertIn("cannot write --port-file", line)
+
+    def test_empty_credentials_are_a_start_up_error(self):
+        # A CI secret that is not set: AUTH_USER= AUTH_PASS= must not start with a made-up password.
+        line = _refused(self, "--port", "0", "--db", self.db, env={"AUTH_USER": "", "AUTH_PASS": ""})
+        self.assertEqual(line, "eventserver: AUTH_USER is empty")
+        self.assertFalse(os.path.exists(self.db))
+        for argv, env in (([], {"AUTH_USER": "ci", "AUTH_PASS": ""}), ([], {"EVENTSERVER_PASSWORD": ""}),
+                          ([], {"EVENTSERVER_USER": "", "AUTH_USER": "ci", "AUTH_PASS": "p"}),
+                          (["--user", "", "--password", "p"], {})):
+            with self.subTest(argv=argv, env=env), self.assertRaisesRegex(eventserver.ConfigError, "is empty"):
+                eventserver.parse_config(argv, env)
+
+    def test_every_flag_has_its_environment_variable(self):
+        given = {eventserver._text: "some-text", eventserver._port: "7", eventserver._positive_int: "7",
+                 eventserver._seconds: "7", eventserver._switch: "yes"}
+        environ = {}
+        for name, kind, default, _ in eventserver.FLAGS:
+            text = given.get(kind) or next(choice for choice in kind.__name__.split(" or ") if choice != default)
+            environ[eventserver.environment_variable(name)] = text
+        self.assertEqual(eventserver.environment_variable("max-limit"), "EVENTSERVER_MAX_LIMIT")
+        config = eventserver.parse_config([], environ)
+        for name, kind, default, _ in eventserver.FLAGS:
+            with self.subTest(flag=name):
+                text = environ[eventserver.environment_variable(name)]
+                self.assertNotEqual(text, default)
+                self.assertEqual(getattr(config, name.replace("-", "_")), kind(text))
+
+    def test_switches_take_yes_and_no_in_the_environment(self):
+        for text, value in (("1", True), ("true", True), ("YES", True), ("Yes", True),
+                            ("0", False), ("false", False), ("no", False), ("NO", False)):
+            with self.subTest(text=text):
+                config = eventserver.parse_config([], {"EVENTSERVER_QUIET": text, "EVENTSERVER_ALLOW_RESET": text})
+                self.assertEqual((config.quiet, config.allow_reset), (value, value))
+        for text in ("maybe", "2", "on"):
+            with self.subTest(text=text), self.assertRaisesRegex(eventserver.ConfigError, "EVENTSERVER_ALLOW_RESET"):
+                eventserver.parse_config([], {"EVENTSERVER_ALLOW_RESET": text})
+        self.assertTrue(eventserver.parse_config(["--allow-reset"], {"EVENTSERVER_ALLOW_RESET": "no"}).allow_reset)
+
+    def test_log_format_json_makes_every_log_line_a_json_object(self):
+        seeded = eventserver.Store(self.db)  # a database with a stream: the fixtures are not loaded, and it says so
+        seeded.publish("s", "p", [eventserver.Envelope(envelope())])
+        seeded.close()
+        seed = os.path.join(self.tmp.name, "seed.ndjson")
+        with open(seed, "w") as out:
+            out.write(json.dumps({"stream": "t", "producerId": "p", "envelope": envelope()}) + "\n")
+        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--fixtures", seed,
+                          env={"EVENTSERVER_LOG_FORMAT": "json"}, db=self.db)
+        self.addCleanup(process.stop)
+        process.wait_listening()
+        with_client(process.port, lambda c: c.read("s", consumer="c-1"))
+        process.proc.send_signal(signal.SIGTERM)
+        code, _, err = process.finish()
+        self.assertEqual(code, 0)
+        records = [json.loads(line) for line in err.splitlines()]  # every line, or this fails
+        self.assertEqual([(r["level"], r["message"][:17]) for r in records if "level" in r],
+                         [("INFO", f"fixtures {seed}"[:17])])
+        self.assertEqual([(r["method"], r["path"][:28], r["status"], r["clientId"]) for r in records if "method" in r],
+                         [("GET", "/api/v1/streams/s/events?eve", 200, "c-1")])
+
+
+def _refused(test, *args, env=None):
+    """The one line a start that must fail writes on stderr (no traceback, a non-zero exit)."""
+    process = Process(*args, env=env)
+    code, _, err = process.finish()
+    test.assertNotEqual(code, 0)
+    test.assertNotIn("Traceback", err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    test.assertEqual(len(lines), 1, err)
+    return lines[0]
+
+
+class TestPythonsTest(unittest.TestCase):
+    """make test-pythons, on a pyenv folder of stand-in interpreters."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def interpreter(self, version, passes=True):
+        folder = os.path.join(self.tmp.name, "versions", version, "bin")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "python"), "w") as out:
+            out.write(f'#!/bin/sh\necho "{version} ran with $*" >> "{self.tmp.name}/ran"\n'
+                      f'echo "tests: 1 passed, {0 if passes else 1} failed, 0 skipped"\nexit {0 if passes else 1}\n')
+        os.chmod(os.path.join(folder, "python"), 0o755)
+
+    def make(self):
+        result = subprocess.run(["make", "-s", "test-pythons"], cwd=HERE, capture_output=True, text=True,
+                                env={**os.environ, "PYENV_ROOT": self.tmp.name, "MAKEFLAGS": ""}, timeout=60)
+        ran = []
+        if os.path.exists(os.path.join(self.tmp.name, "ran")):
+            with open(os.path.join(self.tmp.name, "ran")) as lines:
+                ran = lines.read().splitlines()
+        return result.returncode, result.stdout + result.stderr, ran
+
+    def test_make_test_pythons_runs_the_newest_of_each_and_names_the_missing(self):
+        for version in ("3.9.1", "3.9.10", "3.11.2", "3.7.17", "pypy3.10-7.3.12", "3.13.0t"):
+            self.interpreter(version)
+        code, out, ran = self.make()
+        self.assertEqual(code, 0, out)
+        self.assertEqual(ran, ["3.9.10 ran with -W error test_eventserver.py",
+                               "3.11.2 ran with -W error test_eventserver.py"])
+        self.assertIn("not found under", out)
+        self.assertIn(": 3.8 3.10 3.12 3.13\n", out)
+        self.interpreter("3.12.4", passes=False)
+        code, out, ran = self.make()
+        self.assertNotEqual(code, 0)
+        self.assertIn("the suite failed on 3.12.4", out)
+        self.assertEqual(len(ran), 5)  # it still ran the others
+
+    def test_make_test_pythons_without_any_is_not_a_failure(self):
+        code, out, ran = self.make()
+        self.assertEqual((code, ran), (0, []), out)
+        self.assertIn("no CPython 3.8 or newer found", out)
+        self.assertIn("3.8 3.9 3.10 3.11 3.12 3.13", out)
+
+
+# The README's examples, run as written #######################################
+
+README = os.path.join(HERE, "README.md")
+_ANY_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_ANY_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00")
+_ANY_HTTP_DATE = re.compile(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT")
+
+
+def readme_section(title):
+    """The text of README.md's section "## title", up to the next "## "."""
+    with open(README, encoding="utf-8") as readme:
+        text = readme.read()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else len(text)]
+
+
+def fenced_blocks(text):
+    """(language, body) of each ``` block of a markdown text, in order."""
+    return re.findall(r"^```(\w*)\n(.*?)^```$", text, re.S | re.M)
+
+
+def shell_examples(text):
+    """(command, output shown) of each `$ ` line of the text's ``` blocks, in order;
+    a command goes on over the indented lines after it."""
+    examples = []
+    for _, body in fenced_blocks(text):
+        current = None
+        for line in body.splitlines():
+            if line.startswith("$ "):
+                current = [line[2:], []]
+                examples.append(current)
+            elif current and line.startswith(" ") and not current[1]:
+                current[0] += "\n" + line
+            elif current:
+                current[1].append(line)
+    return [(command, "\n".join(shown).strip()) for command, shown in examples]
+
+
+class Workspace:
+    """A folder as a user's checkout would be: eventserver.py in it, and python3
+    on PATH being the Python that runs these tests. No AUTH_* or EVENTSERVER_* variables."""
+
+    def __init__(self, test):
+        self.tmp = tempfile.TemporaryDirectory()
+        test.addCleanup(self.tmp.cleanup)
+        self.path = os.path.join(self.tmp.name, "checkout")
+        bin_folder = os.path.join(self.tmp.name, "bin")
+        os.makedirs(self.path)
+        os.makedirs(bin_folder)
+        shutil.copy(SERVER, self.path)
+        os.symlink(sys.executable, os.path.join(bin_folder, "python3"))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH_", "EVENTSERVER_", "PYTEST"))}
+        self.env["PATH"] = bin_folder + os.pathsep + os.environ.get("PATH", "")
+
+    def run(self, command, env=None, timeout=60):
+        return subprocess.run(command, cwd=self.path, env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class ReadmeTest(unittest.TestCase):
+    """The README's examples: the API ones pasted in order into one shell,
+    and the three of "Use it in CI" (a workflow, a conftest.py, a shell recipe)."""
+
+    def test_readme_api_examples_work_pasted_in_order(self):
+        api = readme_section("The API") + readme_section("For development and CI")
+        words = shlex.split(re.search(r"run\s+against a new server, `([^`]+)`", api).group(1))
+        assignments = list(itertools.takewhile(lambda word: re.match(r"\w+=", word), words))
+        work = Workspace(self)
+        log = open(os.path.join(work.tmp.name, "server.log"), "w")
+        self.addCleanup(log.close)
+        server = subprocess.Popen(words[len(assignments):] + ["--port", "0"], cwd=work.path, stderr=log, text=True,
+                                  env={**work.env, **dict(word.split("=", 1) for word in assignments)},
+                                  stdout=subprocess.PIPE)
+        self.addCleanup(lambda: (server.poll() is None and server.kill(), server.wait(), server.stdout.close()))
+        url = server.stdout.readline().split()[-1].rstrip("/")
+        examples = shell_examples(api)
+        self.assertGreater(len(examples), 15)
+        exports = re.search(r"### Export, import and backup\n\n((?:    .*\n)+)", api).group(1)
+        commands = [command for command, _ in examples] + [line.strip() for line in exports.splitlines()]
+        script = "exec 2>&1\n" + "".join(f"printf '\\n@@@ {index}\\n'\n{command.replace('http://127.0.0.1:8000', url)}\n"
+                                         for index, command in enumerate(commands))
+        result = work.run(["bash", "-c", script])
+        self.assertEqual(result.returncode, 0, result.stdout)
+        answers = re.split(r"\n@@@ \d+\n", "\n" + result.stdout)[1:]
+        self.assertEqual(len(answers), len(commands), result.stdout)
+        ids = {}
+        for (command, shown), answer in zip(examples, answers):
+            with self.subTest(command=command[:120]):
+                self.assert_same_answer(shown, answer.replace("\r\n", "\n").strip(), ids)
+        for answer in answers[len(examples):]:  # export, import, backup: quiet
+            self.assertEqual(answer.strip(), "")
+        with open(os.path.join(work.path, "dump.ndjson")) as dump:
+            self.assertGreater(len(dump.readlines()), 5)
+        for copy in ("copy.db", "backup.db"):
+            self.assertTrue(os.path.getsize(os.path.join(work.path, copy)) > 0)
+
+    def assert_same_answer(self, shown, answer, ids):
+        """The answer is what the README shows, but for IDs (one README ID for
+        each real one, the same every time it comes back) and times."""
+        if "..." in shown:  # an elided list: the same fields in every item
+            keys = {tuple(json.loads(item)) for item in re.findall(r"\{[^{}]*\}", shown)}
+            self.assertEqual(len(keys), 1, shown)
+            self.assertEqual({tuple(item) for item in json.loads(answer)}, keys)
+            return
+        shown_ids, real_ids = _ANY_UUID.findall(shown), _ANY_UUID.findall(answer)
+        self.assertEqual(len(shown_ids), len(real_ids), answer)
+        for real, written in zip(real_ids, shown_ids):
+            self.assertEqual(ids.setdefault(real, written), written, f"{real} is shown as two IDs")
+        self.assertEqual(len(set(ids.values())), len(ids), "two real IDs shown as one")
+        answer = _ANY_UUID.sub(lambda match: ids[match.group()], answer)
+        for pattern, placeholder in ((_ANY_TIME, "<time>"), (_ANY_HTTP_DATE, "<date>")):
+            shown, answer = pattern.sub(placeholder, shown), pattern.sub(placeholder, answer)
+        self.assertEqual(answer, shown)
+
+    def ci_block(self, language, first_line=None):
+        blocks = [body for lang, body in fenced_blocks(readme_section("Use it in CI")) if lang == language
+                  and (first_line is None or body.startswith(first_line + "\n"))]
+        self.assertEqual(len(blocks), 1, (language, first_line))
+        return blocks[0]
+
+    def test_readme_ci_pytest_fixture_runs_as_written(self):
+        work = Workspace(self)
+        for name in ("conftest.py", "test_orders.py"):
+            with open(os.path.join(work.path, name), "w") as out:
+                out.write(self.ci_block("python", f"# {name}"))
+        if importlib.util.find_spec("pytest"):
+            result = work.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "--rootdir", work.path, work.path])
+        else:  # without pytest, the same fixtures and tests through a stand-in for it
+            result = work.run([sys.executable, "-c", PYTEST_STAND_IN, work.path])
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertRegex(result.stdout, r"\b2 passed\b")
+
+    def test_readme_ci_github_actions_workflow_runs_as_written(self):
+        env, steps = github_actions_job(self.ci_block("yaml"))
+        self.assertEqual([name for name, _ in steps], ["Start eventserver", "Integration tests", "Stop eventserver"])
+        work = Workspace(self)
+        runner_temp = os.path.join(work.tmp.name, "runner")
+        os.mkdir(runner_temp)
+        github_env = os.path.join(runner_temp, "github_env")
+        open(github_env, "w").close()
+        self.addCleanup(self._kill_listed_server, github_env)
+        outputs = []
+        for name, script in steps:
+            with open(github_env) as exported:
+                step_env = dict(line.rstrip("\n").split("=", 1) for line in exported if "=" in line)
+            script_file = os.path.join(runner_temp, "step.sh")
+            with open(script_file, "w") as out:
+                out.write(script)
+            result = work.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", script_file],
+                              env={**env, "RUNNER_TEMP": runner_temp, "GITHUB_ENV": github_env, **step_env})
+            self.assertEqual(result.returncode, 0, (name, result.stdout, result.stderr))
+            outputs.append(result.stdout)
+        self.assertEqual(outputs[1], "[]")
+        port_file = os.path.join(runner_temp, "eventserver.url")
+        _wait_for(lambda: not os.path.exists(port_file))  # removed at exit: it stopped cleanly
+        with open(os.path.join(runner_temp, "eventserver.log")) as log:
+            text = log.read()
+        self.assertRegex(text, r"^eventserver \S+ listening on http://127\.0\.0\.1:\d+/\n")
+        self.assertNotIn("Traceback", text)
+
+    def _kill_listed_server(self, github_env):
+        with open(github_env) as exported:
+            for line in exported:
+                if line.startswith("EVENTSERVER_PID="):
+                    with contextlib.suppress(OSError, ValueError):
+                        os.kill(int(line.split("=", 1)[1]), signal.SIGKILL)
+
+    def test_readme_ci_shell_recipe_runs_as_written(self):
+        recipe = self.ci_block("sh")
+        work = Workspace(self)
+        process = subprocess.Popen(["sh", "-c", recipe], cwd=work.path, env=work.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.addCleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGKILL))
+        out, _ = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 0, out)
+        lines = out.splitlines()
+        self.assertRegex(lines[0], r"^eventserver \S+ listening on http://127\.0\.0\.1:\d+/$")
+        self.assertEqual(lines[1:], ['{"status": "OK"}"OK"'])  # curl adds no newline
+
+
+def github_actions_job(workflow):
+    """(env, [(name, script)]) of the one job of a GitHub Actions workflow:
+    its env mapping and the steps that run a script (`uses:` steps are the
+    runner's: checking out is the workspace itself). A reader of the YAML
+    this README uses, not of every YAML."""
+    env, steps, lines = {}, [], workflow.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        index += 1
+        match = re.match(r"^(\s*)(- )?([\w-]+):\s*(.*?)\s*$", line)
+        if not match:
+            continue
+        indent, key, value = len(match.group(1)) + len(match.group(2) or ""), match.group(3), match.group(4)
+        if match.group(2):
+            steps.append([None, None])
+        if key == "env" and not steps:
+            while index < len(lines) and len(lines[index]) - len(lines[index].lstrip()) > indent:
+                name, _, text = lines[index].strip().partition(":")
+                env[name] = text.split("#")[0].strip()
+                index += 1
+        elif key == "name" and steps:
+            steps[-1][0] = value
+        elif key == "run" and steps:
+            if value == "|":
+                body = []
+                while index < len(lines) and (not lines[index].strip() or
+                                              len(lines[index]) - len(lines[index].lstrip()) > indent):
+                    body.append(lines[index])
+                    index += 1
+                steps[-1][1] = textwrap.dedent("\n".join(body)) + "\n"
+            else:
+                steps[-1][1] = value + "\n"
+    return env, [tuple(step) for step in steps if step[1] is not None]
+
+
+# What a conftest.py needs of pytest, for a machine without it: fixtures by
+# parameter name, "session" or per-test scope, generator fixtures torn down after.
+PYTEST_STAND_IN = r'''
+import importlib, inspect, os, sys, types
+
+folder = sys.argv[1]
+sys.path.insert(0, folder)
+pytest = types.ModuleType("pytest")
+
+
+def fixture(function=None, *, scope="function"):
+    def mark(function):
+        function.fixture_scope = scope
+        return function
+    return mark(function) if function else mark
+
+
+pytest.fixture = fixture
+sys.modules["pytest"] = pytest
+fixtures = {name: value for name, value in vars(importlib.import_module("conftest")).items()
+            if hasattr(value, "fixture_scope")}
+session, session_teardown = {}, []
+
+
+def value_of(name, teardown):
+    function = fixtures[name]
+    if function.fixture_scope == "session" and name in session:
+        return session[name]
+    value = function(*[value_of(parameter, teardown) for parameter in inspect.signature(function).parameters])
+    if inspect.isgenerator(value):
+        generator, value = value, next(value)
+        (session_teardown if function.fixture_scope == "session" else teardown).append(generator)
+    if function.fixture_scope == "session":
+        session[name] = value
+    return value
+
+
+passed = 0
+for filename in sorted(os.listdir(folder)):
+    if filename.startswith("test_") and filename.endswith(".py"):
+        for name, test in vars(importlib.import_module(filename[:-3])).items():
+            if name.startswith("test_") and inspect.isfunction(test):
+                teardown = []
+                test(*[value_of(parameter, teardown) for parameter in inspect.signature(test).parameters])
+                for generator in reversed(teardown):
+                    next(generator, None)
+                passed += 1
+for generator in reversed(session_teardown):
+    next(generator, None)
+print(f"{passed} passed")
+'''
 
 
 # Command line and process life (SPEC 1, 5) ####################################
