@@ -2407,9 +2407,9 @@ class GoConsumeTest(GoModeTest):
 
 
 class GoFreshTest(FreshServerTest):
-    """Base: a fresh --compat go server per test, for exact global figures."""
+    """Base: an empty --compat go server for every test, for exact global figures."""
 
-    flags = ("--compat", "go")
+    flags = ("--compat", "go", "--allow-reset")
     go, go_publish, go_publish_ok, go_read, go_ack, go_seek = (
         GoModeTest.go, GoModeTest.go_publish, GoModeTest.go_publish_ok, GoModeTest.go_read, GoModeTest.go_ack,
         GoModeTest.go_seek)
