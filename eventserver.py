@@ -1709,24 +1709,25 @@ class Store:
         as payload_text writes it, matches; (stream, producer, whether the
         name matched) for streams matching by name or by producer ID equal to
         term; (stream, consumer) for the consumer ID equal to term."""
-        pattern = "%" + term + "%"
+        # Named parameters, given a dict: Python 3.12 deprecates numbered ones ("?1") given a sequence.
+        values = {"pattern": "%" + term + "%", "term": term, "limit": limit}
         with self.reading() as conn:
             conn.create_function("payload_text", 1, payload_text)
-            like = "LIKE ?1 ESCAPE '\\'"
+            like = "LIKE :pattern ESCAPE '\\'"
             pairs = conn.execute(
                 "SELECT s.name, c.event_name FROM event_counts c JOIN streams s USING (stream_id)"
-                f" WHERE c.event_name {like} ORDER BY s.name, c.event_name LIMIT ?3", (pattern, term, limit)).fetchall()
+                f" WHERE c.event_name {like} ORDER BY s.name, c.event_name LIMIT :limit", values).fetchall()
             single = conn.execute(
                 "SELECT s.name, e.event_name, e.event_id FROM events e JOIN streams s USING (stream_id)"
-                f" WHERE NOT e.event_name {like} AND (e.event_id = ?2"
+                f" WHERE NOT e.event_name {like} AND (e.event_id = :term"
                 f"  OR payload_text(substr(e.envelope, e.payload_start, e.payload_size)) {like})"
-                " ORDER BY e.event_pk LIMIT ?3", (pattern, term, limit)).fetchall()
+                " ORDER BY e.event_pk LIMIT :limit", values).fetchall()
             streams = conn.execute(
-                f"SELECT name, producer_id, name {like} FROM streams WHERE name {like} OR producer_id = ?2"
-                " ORDER BY stream_id LIMIT ?3", (pattern, term, limit)).fetchall()
+                f"SELECT name, producer_id, name {like} FROM streams WHERE name {like} OR producer_id = :term"
+                " ORDER BY stream_id LIMIT :limit", values).fetchall()
             consumers = conn.execute(
                 "SELECT DISTINCT s.name, o.consumer_id FROM consumer_offsets o JOIN streams s USING (stream_id)"
-                " WHERE o.consumer_id = ?1 ORDER BY s.name LIMIT ?2", (term, limit)).fetchall()
+                " WHERE o.consumer_id = :term ORDER BY s.name LIMIT :limit", values).fetchall()
         return pairs, single, streams, consumers
 
     def events_since(self, stream, since, limit, max_consumers):

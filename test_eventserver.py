@@ -2456,6 +2456,15 @@ class GoStatsTest(GoFreshTest):
         self.assertIn("+123", expected)
         self.assertTrue(any(p.startswith(("+  ", "-  ")) for p in expected), expected)  # FORMAT('%3s') pads
 
+    def test_go_search_with_deprecation_warnings_as_errors(self):
+        # As the default search (SearchTest): no numbered placeholders ("?1") bound to a sequence.
+        self.go_publish_ok("warned", envelope("Warned"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            response = self.go("POST", "/search?_q=warned")
+        self.assertEqual(response.status, 200, response)
+        self.assertEqual([r["search_result"]["category"] for r in response.json], ["events", "streams"])
+
     def test_go_search_ilike_with_its_wildcards(self):
         self.go_publish_ok("orders", envelope("Order_Placed", payload={"note": "50% off", "n": 1}))
         self.go_publish_ok("orders", envelope("OrderXPlaced"))
