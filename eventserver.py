@@ -263,8 +263,8 @@ def parse_config(argv, environ):
 # Errors ######################################################################
 
 REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    200: "OK", 201: "Created", 301: "Moved Permanently", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     411: "Length Required", 413: "Payload Too Large", 414: "URI Too Long",
     423: "Locked", 431: "Request Header Fields Too Large",
     500: "Internal Server Error",

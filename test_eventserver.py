@@ -3755,6 +3755,17 @@ class ReadmeTest(unittest.TestCase):
         for copy in ("copy.db", "backup.db"):
             self.assertTrue(os.path.getsize(os.path.join(work.path, copy)) > 0)
 
+    def test_readme_go_mode_example_answers_as_shown(self):
+        # Against a --compat go server; the README shows the head of the answer in part.
+        (command, shown), = shell_examples(readme_section("Go compatibility mode (`--compat go`)"))
+        with eventserver.running(compat="go", user="admin", password="secret") as server:
+            result = Workspace(self).run(["bash", "-c", command.replace("http://127.0.0.1:8000/", server.url)])
+        answer = result.stdout.replace("\r\n", "\n").strip().splitlines()
+        shown_lines = shown.splitlines()
+        self.assertEqual(answer[0], shown_lines[0])  # the status line
+        self.assertEqual(_ANY_UUID.sub("<id>", answer[-1]), _ANY_UUID.sub("<id>", shown_lines[-1]))
+        self.assertEqual([line for line in answer if line in shown_lines[1:-1]], shown_lines[1:-1])
+
     def assert_same_answer(self, shown, answer, ids):
         """The answer is what the README shows, but for IDs (one README ID for
         each real one, the same every time it comes back) and times."""
