@@ -7,6 +7,11 @@ small boxes.
 
     python3 eventserver.py [--host 127.0.0.1] [--port 8000] [--db eventserver.db]
 
+or, in a test suite's own process:
+
+    with eventserver.running() as server:   # server.url, .user, .password
+        ...
+
 The API, the flags and the guarantees are documented in README.md.
 
 Security stance: every endpoint except GET /api/v1/health needs HTTP Basic
@@ -681,6 +686,7 @@ def parse_envelopes(value):
 # The committed state in memory (streams, counts, offsets) is written by the
 # writer thread only, after its commit, and read without a lock: a reader may
 # see the state of the commit before, never a state that is not committed.
+# (After a reset or a stream's removal it is replaced whole, not changed.)
 #
 # Who answers a request: always its connection thread, and a write only once
 # its ticket is done: a 200 is never sent before the commit it reports.
@@ -814,6 +820,8 @@ def _inserts(table, rows, conflict=""):
             for chunk in (rows[start:start + per_statement] for start in range(0, len(rows), per_statement))]
 
 
+# The tables whose rows belong to one stream, by stream_id, the streams table last.
+STREAM_TABLES = ("idempotency_keys", "consumer_offsets", "events", "event_counts", "streams")
 EVENT_COLUMNS = "events (event_id, stream_id, event_name, sequence, envelope, payload_start, payload_size, created_at)"
 EVENT_ID_BYTES = 50  # what an event's "eventId" and its comma add to its envelope in a read's answer
 # A read's answer, ?1 stream_id, ?2 event_name, sequences ?3 + 1 to ?4: a JSON array of the stored
@@ -1766,8 +1774,7 @@ class Store:
         """Remove every stream, event, consumer offset and idempotency key, in
         one transaction: the store is as new (long polls are answered)."""
         def work(tx):
-            for table in ("idempotency_keys", "consumer_offsets", "events", "event_counts", "daily_counts",
-                          "streams"):
+            for table in ("daily_counts", *STREAM_TABLES):
                 tx.execute(f"DELETE FROM {table}")
             tx.forget()
 
@@ -1782,7 +1789,7 @@ class Store:
                                          " WHERE stream_id = ? GROUP BY 1", (stream_id,)).fetchall():
                 tx.execute("UPDATE daily_counts SET count = count - ? WHERE day = ?", (count, day))
             tx.execute("DELETE FROM daily_counts WHERE count <= 0")
-            for table in ("idempotency_keys", "consumer_offsets", "events", "event_counts", "streams"):
+            for table in STREAM_TABLES:
                 tx.execute(f"DELETE FROM {table} WHERE stream_id = ?", (stream_id,))
             tx.forget(stream_id)
 
@@ -4085,9 +4092,8 @@ class RunningServer:
             self._undo.callback(self.httpd.app.close_connections)
             self._undo.callback(self.httpd.app.drain, timeout=config.timeout or 30)
             self._undo.callback(self.httpd.server_close)
-            host, self.port = self.httpd.server_address[:2]
-            self.host = host
-            self.url = f"{'https' if config.certfile else 'http'}://{_url_host(host)}:{self.port}/"
+            self.host, self.port = self.httpd.server_address[:2]
+            self.url = f"{'https' if config.certfile else 'http'}://{_url_host(self.host)}:{self.port}/"
             threading.Thread(target=self.httpd.serve_forever, args=(POLL_SECONDS,), name="accept",
                              daemon=True).start()
             self._undo.callback(self.httpd.shutdown)  # only once serve_forever runs: it waits for it
