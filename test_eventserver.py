@@ -4185,18 +4185,18 @@ class CrashTest(unittest.TestCase):
         stop = threading.Event()
 
         def producer(index):
-            client = Client(process.port)
-            stream = f"crash-{index % 3}"
-            while not stop.is_set():
-                try:
-                    body = envelope("Tick") if index % 2 else [envelope("Tick"), envelope("Tock")]
-                    response = client.publish(stream, body, producer=f"owner-{index % 3}")
-                except (OSError, http.client.HTTPException):
-                    return
-                if response.status == 200:
-                    ids = response.json if isinstance(response.json, list) else [response.json]
-                    with lock:
-                        acknowledged.extend((stream, i) for i in ids)
+            with contextlib.closing(Client(process.port)) as client:
+                stream = f"crash-{index % 3}"
+                while not stop.is_set():
+                    try:
+                        body = envelope("Tick") if index % 2 else [envelope("Tick"), envelope("Tock")]
+                        response = client.publish(stream, body, producer=f"owner-{index % 3}")
+                    except (OSError, http.client.HTTPException):
+                        return
+                    if response.status == 200:
+                        ids = response.json if isinstance(response.json, list) else [response.json]
+                        with lock:
+                            acknowledged.extend((stream, i) for i in ids)
 
         threads = [threading.Thread(target=producer, args=(i,)) for i in range(6)]
         for thread in threads:
