@@ -824,24 +824,26 @@ def _inserts(table, rows, conflict=""):
 STREAM_TABLES = ("idempotency_keys", "consumer_offsets", "events", "event_counts", "streams")
 EVENT_COLUMNS = "events (event_id, stream_id, event_name, sequence, envelope, payload_start, payload_size, created_at)"
 EVENT_ID_BYTES = 50  # what an event's "eventId" and its comma add to its envelope in a read's answer
-# A read's answer, ?1 stream_id, ?2 event_name, sequences ?3 + 1 to ?4: a JSON array of the stored
-# envelopes, each with "eventId" spliced in first, and "sequence event_id" of each, comma-separated.
+# A read's answer, sequences :offset + 1 to :last: a JSON array of the stored envelopes, each with
+# "eventId" spliced in first, and "sequence event_id" of each, comma-separated. (Named parameters,
+# given a dict: Python 3.12 deprecates numbered ones, "?1", given a sequence.)
 _READ_ANSWER = ("SELECT '[' || group_concat('{\"eventId\":\"' || event_id || '\",' || substr(envelope, 2)) || ']',"
                 " group_concat(sequence || ' ' || event_id)")
-READ_ALL = (_READ_ANSWER + " FROM (SELECT event_id, envelope, sequence FROM events"
-            " WHERE stream_id = ?1 AND event_name = ?2 AND sequence > ?3 AND sequence <= ?4 ORDER BY sequence)")
-# The same, but no more than ?5 bytes of them (one at least): the events are walked one by one
-# (sequences have no gaps), adding up their sizes, and the walk stops once past ?5, so that a
-# read of many large events neither builds a huge answer nor reads the rest of them.
+READ_ALL = (_READ_ANSWER + " FROM (SELECT event_id, envelope, sequence FROM events WHERE stream_id = :stream_id"
+            " AND event_name = :event_name AND sequence > :offset AND sequence <= :last ORDER BY sequence)")
+# The same, but no more than :max_bytes of them (one at least): the events are walked one by one
+# (sequences have no gaps), adding up their sizes, and the walk stops once past :max_bytes, so that
+# a read of many large events neither builds a huge answer nor reads the rest of them.
 READ_WITHIN = (
     "WITH RECURSIVE walk (sequence, event_id, envelope, total) AS ("
     f" SELECT sequence, event_id, envelope, length(CAST(envelope AS BLOB)) + {EVENT_ID_BYTES} FROM events"
-    "  WHERE stream_id = ?1 AND event_name = ?2 AND sequence = ?3 + 1"
+    "  WHERE stream_id = :stream_id AND event_name = :event_name AND sequence = :offset + 1"
     " UNION ALL"
     f" SELECT e.sequence, e.event_id, e.envelope, w.total + length(CAST(e.envelope AS BLOB)) + {EVENT_ID_BYTES}"
-    "  FROM walk w JOIN events e ON e.stream_id = ?1 AND e.event_name = ?2 AND e.sequence = w.sequence + 1"
-    "  WHERE w.total < ?5 AND w.sequence < ?4)"
-    + _READ_ANSWER + " FROM walk WHERE total <= ?5 OR sequence = ?3 + 1")
+    "  FROM walk w JOIN events e ON e.stream_id = :stream_id AND e.event_name = :event_name"
+    "   AND e.sequence = w.sequence + 1"
+    "  WHERE w.total < :max_bytes AND w.sequence < :last)"
+    + _READ_ANSWER + " FROM walk WHERE total <= :max_bytes OR sequence = :offset + 1")
 OFFSET_COLUMNS = "consumer_offsets (stream_id, event_name, consumer_id, consumer_offset, moved_at)"
 OFFSET_UPSERT = (" ON CONFLICT (stream_id, event_name, consumer_id)"
                  " DO UPDATE SET consumer_offset = excluded.consumer_offset, moved_at = excluded.moved_at")
@@ -1541,9 +1543,9 @@ class Store:
             # SQLite splices "eventId" into each stored envelope and joins them: one step for the
             # whole answer, where fetching row by row costs a step each. When the events might not
             # fit in max_bytes, it walks them one by one, adding up their sizes, and stops there.
-            events, listed = conn.execute(*((READ_ALL, (stream_id, event_name, offset, last)) if fits else
-                                            (READ_WITHIN, (stream_id, event_name, offset, last, max_bytes)))
-                                          ).fetchone()
+            values = {"stream_id": stream_id, "event_name": event_name, "offset": offset, "last": last,
+                      "max_bytes": max_bytes}
+            events, listed = conn.execute(READ_ALL if fits else READ_WITHIN, values).fetchone()
             listed = [item.split(" ") for item in listed.split(",")]
             if [int(sequence) for sequence, _ in listed] != list(range(offset + 1, offset + 1 + len(listed))):
                 # SQLite does not promise group_concat keeps the rows' order (it does in

@@ -495,6 +495,18 @@ class ReadTest(ServerTest):
 
     flags = ("--max-limit", "5")
 
+    def test_read_with_deprecation_warnings_as_errors(self):
+        # Python 3.12 warns on numbered placeholders ("?1") bound to a sequence: under -W error
+        # every read was a 500. Both ways of reading: all the events, and within a byte budget.
+        stream = fresh()
+        ids = [self.publish_ok(stream) for _ in range(3)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            for consumer, max_bytes in (("all", 10 ** 9), ("budget", 1)):
+                with self.subTest(max_bytes=max_bytes):
+                    events = json.loads(self.live.store.read(stream, "OrderPlaced", consumer, 3, max_bytes))
+                    self.assertEqual([e["eventId"] for e in events], ids if max_bytes > 1 else ids[:1])
+
     def test_read_returns_oldest_first_up_to_limit_only_that_name(self):
         stream = fresh()
         ids = [self.publish_ok(stream, envelope("A", payload={"n": n})) for n in range(4)]
