@@ -1556,6 +1556,15 @@ class StorageFaultTest(NewServerTest):
         self.assertEqual(self.client.request("GET", "/api/v1/health").status, 200)
 
 
+def _python_for(prefix):
+    """This Python, if it starts under prefix (a user without the rights of
+    its owner: a pyenv Python in a private home cannot), else the system's."""
+    if not prefix or subprocess.run([*prefix, sys.executable, "-c", "import sqlite3"],
+                                    capture_output=True).returncode == 0:
+        return sys.executable
+    return shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
+
+
 class StorageFaultProcessTest(unittest.TestCase):
 
     def setUp(self):
@@ -1595,7 +1604,8 @@ class StorageFaultProcessTest(unittest.TestCase):
         os.chmod(self.db, 0o444)
         os.chmod(self.folder, 0o777)  # the -wal and -shm files may still be made beside it
         as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
-        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet", db=self.db, prefix=as_nobody)
+        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet", db=self.db, prefix=as_nobody,
+                          python=_python_for(as_nobody))
         self.addCleanup(process.stop)
         process.wait_listening()
         client = Client(process.port)
@@ -3957,10 +3967,10 @@ print(f"{passed} passed")
 class Process:
     """eventserver.py as a subprocess, as a user starts it."""
 
-    def __init__(self, *args, env=None, db=None, prefix=()):
+    def __init__(self, *args, env=None, db=None, prefix=(), python=sys.executable):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH_", "EVENTSERVER_"))}
         self.env.update(env or {})
-        command = [*prefix, sys.executable, SERVER, *args]  # prefix: e.g. prlimit, which execs it (same pid)
+        command = [*prefix, python, SERVER, *args]  # prefix: e.g. prlimit, which execs it (same pid)
         if db:
             command += ["--db", db]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
