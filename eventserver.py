@@ -2554,12 +2554,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_HEAD = _dispatch
 
     def _answer(self, reply):
-        """Count the request out, send its reply, log it."""
+        """Send the reply, log it, then count the request out: a server
+        that stops waits for both, so the last requests' lines are not lost."""
         app = self.server.app
-        app.end(self)
-        self._send(reply)
-        if not app.config.quiet:
-            log_access(self, reply, (time.perf_counter() - self._started) * 1000)
+        try:
+            self._send(reply)
+            if not app.config.quiet:
+                log_access(self, reply, (time.perf_counter() - self._started) * 1000)
+        finally:
+            app.end(self)
 
     def _handle(self, app):
         """Route, authenticate, read the body, call the handler: its Reply,
