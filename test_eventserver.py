@@ -4260,29 +4260,84 @@ class CrashTest(unittest.TestCase):
         self.assertEqual(again.finish()[0], 0)
 
 
+SHARDS = 4  # test processes side by side: most tests wait on sockets and servers, not on a core
+
+
 def main():
-    """unittest's main, closing with the plain "N passed, N failed" line
-    that CI reads (unittest's own "OK" is not one it knows). Under -W error
-    (make test-pythons), a warning raised where nobody can catch it (a
+    """Run the suite: without arguments in SHARDS processes side by side,
+    each taking every SHARDS-th test; with unittest's arguments (a test
+    name, -k...) in this process. Closes with the plain "N passed, N
+    failed" line that CI reads (unittest's own "OK" is not one it knows)."""
+    shard = os.environ.get("EVENTSERVER_TEST_SHARD")
+    if shard is None and len(sys.argv) == 1:
+        sys.exit(run_shards(SHARDS))
+    if shard is None:
+        result = unittest.main(module="__main__", exit=False, verbosity=2).result
+    else:
+        number, count = map(int, shard.split("/"))
+        tests = list(_flatten(unittest.defaultTestLoader.loadTestsFromModule(sys.modules["__main__"])))
+        result = unittest.TextTestRunner(verbosity=2).run(unittest.TestSuite(tests[number::count]))
+    sys.exit(report(result))
+
+
+def _flatten(suite):
+    for test in suite:
+        if isinstance(test, unittest.TestSuite):
+            yield from _flatten(test)
+        else:
+            yield test
+
+
+def run_shards(count):
+    """Run the suite in count processes (with this Python and its -W
+    options), print their output one after the other, and the sum."""
+    command = [sys.executable, *(f"-W{option}" for option in sys.warnoptions), os.path.abspath(__file__)]
+    outputs, processes = [], []
+    for number in range(count):
+        output = tempfile.TemporaryFile()
+        outputs.append(output)
+        processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "EVENTSERVER_TEST_SHARD": f"{number}/{count}"}))
+    totals, codes = [0, 0, 0], []
+    for process, output in zip(processes, outputs):
+        codes.append(process.wait())
+        output.seek(0)
+        text = output.read().decode("utf-8", "replace")
+        output.close()
+        sys.stdout.write(text)
+        found = re.search(r"^tests: (\d+) passed, (\d+) failed, (\d+) skipped$", text, re.M)
+        for index, figure in enumerate(found.groups() if found else ()):
+            totals[index] += int(figure)
+        if not found:
+            totals[1] += 1  # a shard that died before its result line
+    print(f"tests: {totals[0]} passed, {totals[1]} failed, {totals[2]} skipped")
+    return 0 if not any(codes) and totals[0] and not totals[1] else 1
+
+
+def report(result):
+    """Print the result line; the exit code. Under -W error (make
+    test-pythons), a warning raised where nobody can catch it (a
     ResourceWarning for a file or connection never closed, in __del__) fails
     the run too: unittest cannot see it."""
-    unraisable = []
-    default_hook = sys.unraisablehook
-
-    def hook(report):
-        unraisable.append(report.exc_value)
-        default_hook(report)
-
-    sys.unraisablehook = hook
-    result = unittest.main(module="__main__", exit=False, verbosity=2).result
     gc.collect()  # objects in reference cycles (sqlite3 connections) warn only when collected
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     print(f"tests: {result.testsRun - failed - skipped} passed, {failed} failed, {skipped} skipped")
-    if unraisable:
-        print(f"and {len(unraisable)} warnings or errors raised where no test could catch them "
-              f"(see above): {sorted({type(error).__name__ for error in unraisable})}")
-    sys.exit(0 if result.wasSuccessful() and result.testsRun and not unraisable else 1)
+    if UNRAISABLE:
+        print(f"and {len(UNRAISABLE)} warnings or errors raised where no test could catch them "
+              f"(see above): {sorted({type(error).__name__ for error in UNRAISABLE})}")
+    return 0 if result.wasSuccessful() and result.testsRun and not UNRAISABLE else 1
+
+
+UNRAISABLE = []
+
+
+def _unraisable_hook(report, default_hook=sys.unraisablehook):
+    UNRAISABLE.append(report.exc_value)
+    default_hook(report)
+
+
+sys.unraisablehook = _unraisable_hook
 
 
 if __name__ == "__main__":
