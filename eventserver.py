@@ -692,6 +692,9 @@ def parse_envelopes(value):
 # its ticket is done: a 200 is never sent before the commit it reports.
 
 RECENT_EVENTS = 100_000  # events remembered from reads so acknowledging them needs no query
+TAIL_EVENTS = 1000  # newest events of each (stream, event name) kept in memory for consumers that keep up
+TAIL_BYTES = 8 * 1048576  # the memory all those tails take together, at most
+TAIL_EVENT_BYTES = 320  # what an event in a tail takes beside its text: the strings' heads, its ID, its index entry
 ANSWERS, MAX_ANSWER_BYTES = 256, 65536  # answers to reads kept for re-reads: at most 16 MiB
 SQLITE_MAX_VARIABLES = 999  # the default limit before SQLite 3.32
 
@@ -1055,6 +1058,91 @@ class ReadCache:
         return self._events.get(event_id)
 
 
+class _Tail:
+    """The newest events of one (stream_id, event_name): sequences first,
+    first + 1, ... with no gap, as the items of a read's answer, and their IDs."""
+
+    __slots__ = ("first", "items", "event_ids", "size")
+
+    def __init__(self, first, items=(), event_ids=()):
+        self.first, self.items, self.event_ids = first, list(items), list(event_ids)
+        self.size = sum(map(len, self.items)) + TAIL_EVENT_BYTES * len(self.items)
+
+
+class Tails:
+    """The newest events of every (stream_id, event_name), kept by the
+    writer thread as each commit adds them, so that a consumer that keeps up
+    is answered from memory and its acknowledgement needs no query.
+
+    An item is the text a read answers for an event: '{"eventId":"<id>",'
+    and the stored envelope after its '{'. A tail only grows at its end, by
+    list.append (atomic under the GIL), and is cut by putting a new, shorter
+    one in its place: readers take one tail and slice it, without a lock.
+    A tail keeps up to 2 * TAIL_EVENTS items and is cut to TAIL_EVENTS; when
+    all of them hold more than TAIL_BYTES of text, the tails written to least
+    lately go first (TAIL_BYTES counts TAIL_EVENT_BYTES more for each event).
+    """
+
+    def __init__(self):
+        self._tails = collections.OrderedDict()  # (stream_id, event_name) -> _Tail, least lately written first
+        self._events = {}  # event_id -> (stream_id, event_name, sequence) of every event in a tail
+        self._size = 0
+
+    def extend(self, rows):
+        """(In the writer thread, once they are committed.) Add rows of the events table, in order."""
+        for event_id, stream_id, event_name, sequence, envelope, *_ in rows:
+            key = (stream_id, event_name)
+            tail = self._tails.get(key)
+            if tail is None or tail.first + len(tail.items) != sequence:
+                if tail is not None:
+                    self._drop(key)
+                tail = self._tails[key] = _Tail(sequence)
+            else:
+                self._tails.move_to_end(key)
+            item = '{"eventId":"' + event_id + '",' + envelope[1:]
+            tail.items.append(item)
+            tail.event_ids.append(event_id)
+            tail.size += len(item) + TAIL_EVENT_BYTES
+            self._size += len(item) + TAIL_EVENT_BYTES
+            self._events[event_id] = (stream_id, event_name, sequence)
+            if len(tail.items) >= 2 * TAIL_EVENTS:
+                self._cut(key, tail)
+        while self._size > TAIL_BYTES and self._tails:
+            self._drop(next(iter(self._tails)))
+
+    def _cut(self, key, tail):
+        gone = len(tail.items) - TAIL_EVENTS
+        for event_id in tail.event_ids[:gone]:
+            del self._events[event_id]
+        kept = _Tail(tail.first + gone, tail.items[gone:], tail.event_ids[gone:])
+        self._size -= tail.size - kept.size
+        self._tails[key] = kept
+
+    def _drop(self, key):
+        tail = self._tails.pop(key)
+        for event_id in tail.event_ids:
+            del self._events[event_id]
+        self._size -= tail.size
+
+    def keep_only(self, stream_ids):
+        """(In the writer thread.) Drop the tails of the streams not in stream_ids."""
+        for key in [key for key in self._tails if key[0] not in stream_ids]:
+            self._drop(key)
+
+    def read(self, key, offset, limit):
+        """The items of up to limit events after offset; None when the
+        tail does not hold the event after offset."""
+        tail = self._tails.get(key)
+        if tail is None or offset < tail.first - 1:
+            return None
+        start = offset + 1 - tail.first
+        return tail.items[start:start + limit] or None
+
+    def event(self, event_id):
+        """(stream_id, event_name, sequence) of an event in a tail, or None."""
+        return self._events.get(event_id)
+
+
 class _Transaction:
     """A write transaction on conn, and what its requests change, kept until
     its commit: new events and offsets are written then, a statement each for
@@ -1143,6 +1231,7 @@ class Store:
         # read cache keeps by stream ID cannot be taken for a stream made after.
         self._last_stream_id = 0
         self.cache = ReadCache()
+        self.tails = Tails()
         self.waiters = Waiters()
         self.closed = False
         self._lock_fd = None
@@ -1388,6 +1477,7 @@ class Store:
             for key, size in tx.sizes.items():  # before the counts: a read takes the count, then the sizes
                 first, largest = sizes.get(key, (1, 0))
                 sizes[key] = (first, max(largest, size))
+            self.tails.extend(tx.events)  # before the counts: a tail holds at least what they count
             if tx.forgot:  # a reset or a stream removed: only what belongs to the streams left is kept
                 streams = {**tx.known_streams, **tx.streams}
                 left = {stream_id for stream_id, _ in streams.values()}
@@ -1397,6 +1487,7 @@ class Store:
                 self._counts = {key: count for key, count in counts.items() if key[0] in left}
                 self._offsets = {key: offset for key, offset in offsets.items() if key[0] in left}
                 self._streams = streams
+                self.tails.keep_only(left)
                 self.waiters.wake_all()  # the long polls of a stream removed answer; the others wait on
             else:
                 self._counts.update(tx.counts)
@@ -1414,7 +1505,6 @@ class Store:
         statements = (_inserts(EVENT_COLUMNS, tx.events)  # the counts follow (trigger events_counted)
                       + _inserts(OFFSET_COLUMNS, [(*key, offset, moved_at) for key, (offset, moved_at)
                                                   in tx.offsets.items()], OFFSET_UPSERT))
-        tx.events.clear()
         if len(statements) == 1 and not tx.begun:
             tx.conn.execute(*statements[0])
             return
@@ -1532,6 +1622,9 @@ class Store:
         count = self._counts.get((stream_id, event_name), 0)  # read before the query: see ReadCache
         if offset >= count:
             return "[]"  # nothing past the offset: no need to ask the database
+        items = self.tails.read((stream_id, event_name), offset, limit)
+        if items is not None and 4 * sum(map(len, items)) + len(items) <= max_bytes:  # 4: UTF-8's most per character
+            return "[" + ",".join(items) + "]"
         key = (stream_id, event_name, offset, limit, max_bytes)
         events = self.cache.answer(key, count)
         if events is not None:
@@ -1594,7 +1687,7 @@ class Store:
         return the new offset. An event at or below the offset is a retried
         ACK: done already when retry_is_done, else an OffsetMismatch."""
         stream_id = self._stream_id(stream)
-        found = self.cache.event(event_id)  # usually: consumers acknowledge what they just read
+        found = self.tails.event(event_id) or self.cache.event(event_id)  # usually one is there
         if found is None or found[0] != stream_id:
             with self.reading(quick=True) as conn:  # an event, once stored, never changes
                 row = conn.execute("SELECT event_name, sequence FROM events WHERE event_id = ? AND stream_id = ?",

@@ -576,6 +576,44 @@ class ReadTest(ServerTest):
 
 
 
+class ReadFromMemoryTest(ServerTest):
+    """The newest events of each (stream, event name) are answered from memory (Store.tails):
+    reads on either side of what memory holds must agree with what is stored."""
+
+    def seek(self, stream, consumer, offset, name="A"):
+        response = self.client.request("POST", f"/api/v1/{stream}/{consumer}/{name}/change/{offset}")
+        self.assertEqual(response.status, 200, response)
+
+    def assert_reads(self, stream, ids, offsets, name="A", limit=7):
+        for offset in offsets:
+            consumer = f"c{offset}-{uuid.uuid4().hex[:6]}"
+            self.seek(stream, consumer, offset, name)
+            with self.subTest(offset=offset):
+                events = self.client.read(stream, name, limit=limit, consumer=consumer).json
+                self.assertEqual([e["eventId"] for e in events], ids[offset:offset + limit])
+                self.assertEqual({e["event"]["name"] for e in events}, {name} if events else set())
+
+    def test_reads_around_the_events_kept_in_memory_agree_with_the_database(self):
+        kept = eventserver.TAIL_EVENTS
+        stream, ids = fresh(), []
+        for size in (kept, kept, 5):  # the tail grows to 2 * kept, is cut to kept, then grows again
+            ids += self.publish_ok(stream, [envelope("A")] * size)
+            self.publish_ok(stream, envelope("B"))
+        self.assert_reads(stream, ids, [0, kept - 1, kept, kept + 1, 2 * kept - 2, 2 * kept, 2 * kept + 4, 2 * kept + 5])
+        consumer = "acker"
+        self.seek(stream, consumer, 2 * kept + 3)
+        self.assertEqual(self.client.ack(stream, ids[2 * kept + 3], consumer=consumer).status, 200)
+        self.assert_error(self.client.ack(stream, ids[2 * kept + 5 - 1], consumer="late"), 400,
+                          starts="Bad Request - consumer offset mismatch")
+        self.assertEqual(self.client.read(stream, "A", limit=10, consumer=consumer).json[0]["eventId"], ids[2 * kept + 4])
+
+    def test_large_events_past_the_memory_budget_are_read_from_the_database(self):
+        streams, payload = [fresh() for _ in range(12)], {"blob": "x" * 100_000}
+        ids = {stream: self.publish_ok(stream, [envelope("A", payload=payload)] * 9) for stream in streams}
+        for stream in streams:  # the first ones' tails were dropped to keep memory within TAIL_BYTES
+            self.assert_reads(stream, ids[stream], [0, 4, 9], limit=3)
+
+
 # Acknowledge (SPEC 3.3) #######################################################
 
 class AckTest(ServerTest):
