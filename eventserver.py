@@ -658,7 +658,8 @@ def parse_envelopes(value):
 #   reading side of a connection whose request head is late, which wakes its
 #   connection thread to answer 408; it never writes to a socket.
 # - The writer thread, one per Store (GroupCommit). It alone uses the write
-#   connection and changes the committed state kept in memory. It takes every
+#   connection and changes the committed state kept in memory (and Tails,
+#   the newest events' text). It takes every
 #   queued ticket at once, runs their work in one transaction (group commit),
 #   commits, updates the state in memory, releases the long polls waiting on
 #   what it stored, then wakes the tickets' threads. It never touches a socket
