@@ -653,7 +653,7 @@ def parse_envelopes(value):
 #   parses its requests, checks them, reads from SQLite on a reader connection
 #   from the pool, and answers its own client. A write it hands to the writer
 #   thread as a ticket, and sleeps until the ticket is committed or refused;
-#   then it answers, itself. No other thread writes to its socket.
+#   then it answers, or sends what the writer thread left of the reply.
 # - The deadlines thread, one per Server (HeadDeadlines): shuts down the
 #   reading side of a connection whose request head is late, which wakes its
 #   connection thread to answer 408; it never writes to a socket.
@@ -662,9 +662,10 @@ def parse_envelopes(value):
 #   the newest events' text). It takes every
 #   queued ticket at once, runs their work in one transaction (group commit),
 #   commits, updates the state in memory, releases the long polls waiting on
-#   what it stored, then wakes the tickets' threads. It never touches a socket
-#   or stderr: a client that does not read, or a log nobody reads, cannot hold
-#   up anybody's write.
+#   what it stored, sends each committed write's reply as far as the client's
+#   socket takes it without waiting (EarlyReply), then wakes the tickets'
+#   threads. It never waits on a socket or on stderr: a client that does not
+#   read, or a log nobody reads, cannot hold up anybody's write.
 # - The log thread, one per process (LogLines): writes log lines to stderr from
 #   a bounded queue; when stderr blocks, lines are dropped and counted.
 # - The accept thread (serve_forever): starts a connection thread per
@@ -689,8 +690,10 @@ def parse_envelopes(value):
 # see the state of the commit before, never a state that is not committed.
 # (After a reset or a stream's removal it is replaced whole, not changed.)
 #
-# Who answers a request: always its connection thread, and a write only once
-# its ticket is done: a 200 is never sent before the commit it reports.
+# Who answers a request: its connection thread; a committed write, the writer
+# thread first, while the request's thread still sleeps (so replies on one
+# connection keep the order of its requests). Either way only once the ticket
+# is done: a 200 is never sent before the commit it reports.
 
 RECENT_EVENTS = 100_000  # events remembered from reads so acknowledging them needs no query
 TAIL_EVENTS = 1000  # newest events of each (stream, event name) kept in memory for consumers that keep up
@@ -879,10 +882,10 @@ class _Ticket:
     connection thread that queued it sleeps in wait() until the writer
     thread, done with the commit, wakes it."""
 
-    __slots__ = ("work", "result", "error", "done", "_turn")
+    __slots__ = ("work", "answer", "result", "error", "done", "_turn")
 
-    def __init__(self, work):
-        self.work = work
+    def __init__(self, work, answer=None):
+        self.work, self.answer = work, answer
         self.result = self.error = None
         self.done = False
         self._turn = threading.Lock()
@@ -910,7 +913,13 @@ class GroupCommit:
     queued when it is ready for the next transaction: while one commit waits
     for the disk, the writes that arrive queue up and share the next (group
     commit), so the fsyncs per second bound the commits, not the writes.
-    commit(batch) runs a batch's work and sets each ticket's outcome."""
+    commit(batch) runs a batch's work and sets each ticket's outcome.
+
+    A ticket may carry an answer: called by the writer thread with the
+    result once committed, before the ticket's thread wakes, it sends the
+    request's reply at once if the client's socket takes it without waiting
+    (EarlyReply). The reply then does not wait for the woken thread to get
+    the GIL back, behind the others the commit woke."""
 
     def __init__(self, commit):
         self.lock = threading.Lock()  # the write lock: held for each transaction
@@ -921,9 +930,9 @@ class GroupCommit:
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
         self._thread.start()
 
-    def submit(self, work):
+    def submit(self, work, answer=None):
         """work(tx)'s result once it is committed; its error if it was refused."""
-        ticket = _Ticket(work)
+        ticket = _Ticket(work, answer)
         with self._queued:
             if self.state != WriterState.RUNNING:
                 raise HTTPError(503, "the server is stopping")
@@ -958,6 +967,9 @@ class GroupCommit:
                 for ticket in batch:
                     if not ticket.done:  # never let a request think it committed
                         ticket.result, ticket.error = None, HTTPError(500, "the commit failed")
+                    elif ticket.error is None and ticket.answer is not None:
+                        with contextlib.suppress(Exception):  # then its own thread answers
+                            ticket.answer(ticket.result)
                     ticket.wake()
 
     def close(self):
@@ -1419,10 +1431,11 @@ class Store:
             else:
                 self._readers.put(conn)
 
-    def transact(self, work):
+    def transact(self, work, answer=None):
         """Run work(tx) in a write transaction, maybe shared with other
-        writes; return its result once the transaction is committed."""
-        return self.writes.submit(work)
+        writes; return its result once the transaction is committed (answer:
+        see GroupCommit)."""
+        return self.writes.submit(work, answer)
 
     def _commit(self, batch):
         """(In the writer thread.) Run the tickets' work in one transaction
@@ -1541,12 +1554,13 @@ class Store:
 
     # -- the core verbs -------------------------------------------------------
 
-    def publish(self, stream, producer_id, envelopes, idempotency_key=None):
+    def publish(self, stream, producer_id, envelopes, idempotency_key=None, answer=None):
         """Store envelopes in order, all or none; return their new event IDs.
         The first producer of a stream owns it; another gets a 423. A retry
         with a known idempotency key and the same envelopes stores nothing
         and returns the first IDs; with other envelopes it is a 409."""
-        return self.transact(lambda tx: self._publish_in(tx, stream, producer_id, envelopes, idempotency_key))
+        return self.transact(lambda tx: self._publish_in(tx, stream, producer_id, envelopes, idempotency_key),
+                             answer)
 
     def publish_fixtures(self, fixtures):
         """Publish (stream, producer_id, Envelope) records in one transaction,
@@ -1683,7 +1697,7 @@ class Store:
         found = self._stream(stream)
         return found and found[1]
 
-    def ack(self, stream, event_id, consumer_id, retry_is_done=True):
+    def ack(self, stream, event_id, consumer_id, retry_is_done=True, answer=None):
         """Move the consumer's offset to the event, if it is the next one;
         return the new offset. An event at or below the offset is a retried
         ACK: done already when retry_is_done, else an OffsetMismatch."""
@@ -1709,7 +1723,7 @@ class Store:
             tx.offsets[stream_id, event_name, consumer_id] = (sequence, tx.now)
             return sequence
 
-        return self.transact(work)
+        return self.transact(work, answer)
 
     # -- the Go server's other verbs ------------------------------------------
 
@@ -1978,6 +1992,7 @@ LINGER_SECONDS, LINGER_BYTES = 2.0, 64 * 1048576  # see Handler._linger
 # and not the server's error. (socket.timeout is TimeoutError only from Python 3.10.)
 CLIENT_GONE = (ConnectionError, TimeoutError, socket.timeout, BlockingIOError, ssl.SSLError)
 
+SEND_AT_ONCE = getattr(socket, "MSG_DONTWAIT", 0)  # a send flag: fail rather than wait for room
 POLL_SECONDS = 0.05  # how often the accept loop looks whether to stop: a stop takes at most this
 
 
@@ -2034,8 +2049,8 @@ def publish(request):
     key = request.idempotency_key()
     body = parse_json(request.body, request.headers.get("Content-Type"))
     envelopes = parse_envelopes(body)
-    event_ids = request.app.store.publish(stream, producer_id, envelopes, key)
-    return json_reply(event_ids if isinstance(body, list) else event_ids[0])
+    return request.write(lambda answer: request.app.store.publish(stream, producer_id, envelopes, key, answer),
+                         lambda event_ids: json_reply(event_ids if isinstance(body, list) else event_ids[0]))
 
 
 def read_events(request):
@@ -2071,8 +2086,8 @@ def ack(request):
         raise bad_request("Content-Type must be application/x-www-form-urlencoded or application/json")
     if action != "ACK":
         raise bad_request("action must be ACK")
-    request.app.store.ack(stream, event_id, consumer_id)
-    return json_reply("OK")
+    return request.write(lambda answer: request.app.store.ack(stream, event_id, consumer_id, answer=answer),
+                         lambda _: json_reply("OK"))
 
 
 def list_streams(request):
@@ -2227,11 +2242,20 @@ def remove_stream(request):
 class Request:
     """What a handler needs of a request: path parameters, query, headers, body."""
 
-    __slots__ = ("app", "params", "query", "headers", "body", "client_id")
+    __slots__ = ("app", "params", "query", "headers", "body", "client_id", "_handler")
 
-    def __init__(self, app, params, query, headers, body):
+    def __init__(self, app, params, query, headers, body, handler=None):
         self.app, self.params, self.query, self.headers, self.body = app, params, query, headers, body
         self.client_id = ""
+        self._handler = handler  # the connection's, where the writer thread may send the reply
+
+    def write(self, write, make_reply):
+        """The reply of a write: make_reply(write(answer)), where write calls
+        a Store verb with answer, so that the writer thread can send the
+        reply itself right after the commit (an EarlyReply, then returned)."""
+        answer = EarlyReply(self._handler, make_reply) if self._handler else None
+        result = write(answer)
+        return answer if answer is not None and answer.reply is not None else make_reply(result)
 
     def header(self, name):
         """A header's value read as UTF-8 ('' when absent)."""
@@ -2546,6 +2570,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif seconds:
             _kernel_timeout(self.connection, seconds)
         self.server.app.connected(self)
+        # Whether the writer thread may send a reply on this connection: where a send can be
+        # told not to wait (MSG_DONTWAIT, and no Python-level timeout, which would poll first).
+        self._early_replies = bool(SEND_AT_ONCE) and not isinstance(self.connection, ssl.SSLSocket) \
+            and self.connection.gettimeout() is None
 
     def handle_one_request(self):
         """Wait (up to --timeout) for a request to begin, then read its head
@@ -2648,11 +2676,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_HEAD = _dispatch
 
     def _answer(self, reply):
-        """Send the reply, log it, then count the request out: a server
-        that stops waits for both, so the last requests' lines are not lost."""
+        """Send the reply (what the writer thread did not send of an
+        EarlyReply), log it, then count the request out: a server that stops
+        waits for both, so the last requests' lines are not lost."""
         app = self.server.app
         try:
-            self._send(reply)
+            if isinstance(reply, EarlyReply):
+                reply, rest = reply.reply, reply.rest
+                if rest:
+                    self.wfile.write(rest)
+            else:
+                self.wfile.write(self._encode(reply))
             if not app.config.quiet:
                 log_access(self, reply, (time.perf_counter() - self._started) * 1000)
         finally:
@@ -2672,7 +2706,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if handler.__name__ not in dialect.public and not app.authorized(self.headers.get("Authorization")):
                 raise dialect.unauthorized(handler.__name__, self.headers)
             body = self._read_body(app.config.max_body, dialect.reads_chunked)
-            request = Request(app, dialect.decode(params), dialect.parse_query(query_text), self.headers, body)
+            request = Request(app, dialect.decode(params), dialect.parse_query(query_text), self.headers, body,
+                              self if self._early_replies else None)
             try:
                 return handler(request)
             finally:
@@ -2734,7 +2769,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._body_unread = False
         return bytes(body)
 
-    def _send(self, reply):
+    def _encode(self, reply):
+        """The bytes of a reply: head and body in one piece, for one write
+        (no small packets for Nagle to hold back)."""
         if self._body_unread:  # we answered without reading the body: the connection cannot go on
             self.close_connection = True
         lines = [f"HTTP/1.1 {reply.status} {REASONS.get(reply.status, 'Error')}",
@@ -2749,9 +2786,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
         elif self.request_version == "HTTP/1.0":
             lines.append("Connection: keep-alive")
-        # One write for head and body: no small packets for Nagle to hold back.
         body = b"" if self.command == "HEAD" else reply.body  # HEAD: the head only, as HTTP says
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
     def send_error(self, code, message=None, explain=None):
         """A refused head (a bad request line, a head too large or too
@@ -2761,7 +2797,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         detail = message if message and message != REASONS.get(code) else ""
         reply = self.server.app.dialect.error_reply(HTTPError(code, detail))
         with contextlib.suppress(OSError):
-            self._send(reply)
+            self.wfile.write(self._encode(reply))
         if not self.server.app.config.quiet:
             self.client_id = ""
             log_access(self, reply, 0.0)
@@ -2804,6 +2840,30 @@ def _http_date():
         _date_cache[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))
         _date_cache[0] = now
     return _date_cache[1]
+
+
+class EarlyReply:
+    """A write's reply, sent by the writer thread as soon as the write is
+    committed, before the request's own thread is woken (see GroupCommit).
+    The send never waits: what the socket does not take at once (rest) the
+    request's thread sends once awake. The thread sleeps until then, so
+    replies on a connection still go out in the order of its requests."""
+
+    __slots__ = ("handler", "make_reply", "reply", "rest")
+
+    def __init__(self, handler, make_reply):
+        self.handler, self.make_reply = handler, make_reply
+        self.reply, self.rest = None, b""
+
+    def __call__(self, result):
+        """(In the writer thread.) Build the reply and send what the socket takes."""
+        reply = self.make_reply(result)
+        data = self.handler._encode(reply)
+        try:
+            sent = self.handler.connection.send(data, SEND_AT_ONCE)
+        except BlockingIOError:
+            sent = 0
+        self.reply, self.rest = reply, data[sent:]
 
 
 def log_access(handler, reply, milliseconds):
@@ -3213,11 +3273,12 @@ def go_publish(request):
         raise GoError(f"pq: value too long for type character varying({MAX_NAME})")
     if _holds_nul(event.stored):
         raise GoError("pq: unsupported Unicode escape sequence")  # jsonb refuses \u0000
+    envelopes = [Envelope(event.stored)]
     try:
-        event_id = store.publish(stream, producer_id, [Envelope(event.stored)])[0]
+        return request.write(lambda answer: store.publish(stream, producer_id, envelopes, answer=answer),
+                             lambda event_ids: go_reply({"uuid": event_ids[0]}, 201))
     except StreamOwned as error:  # another producer's first publish committed in between
         raise GoError(f"stream is reserved for another producer {error.owner}") from None
-    return go_reply({"uuid": event_id}, 201)
 
 
 def go_ack(request):  # the body is not read: any body, or none, will do
@@ -3225,15 +3286,18 @@ def go_ack(request):  # the body is not read: any body, or none, will do
     request.client_id = consumer_id
     event_id = go_uuid(request.params["event_id"], GO_BAD_EVENT_ID)
     stream = request.params["stream"]
+    def moved(offset):
+        return go_reply(f"Successfully moved offset to {offset} for cosumer id {consumer_id}")  # its typo
+
     try:  # a retried ACK is a mismatch too: the offset has moved past the event
-        offset = request.app.store.ack(stream, event_id, consumer_id, retry_is_done=False)
+        return request.write(lambda answer: request.app.store.ack(stream, event_id, consumer_id,
+                                                                  retry_is_done=False, answer=answer), moved)
     except OffsetMismatch as error:
         raise GoError(f"Consumer offset mismatch: {error.expected}->{error.got}") from None
     except HTTPError as error:
         if error.status != 404:
             raise
         raise GoError(f"event not found in stream {stream}/{event_id}") from None
-    return go_reply(f"Successfully moved offset to {offset} for cosumer id {consumer_id}")  # its typo
 
 
 def go_read_events(request):
