@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""bench_eventserver.py -- throughput and latency of eventserver.py next to a do-nothing baseline.
+"""bench_eventserver.py -- throughput, latency and memory of eventserver.py next to a do-nothing baseline.
 
 In one run, on one machine, it starts two HTTP servers in their own processes:
 
-- the event server (``eventserver.py`` beside this file) on a fresh SQLite file
-  in a temporary directory, with ``--sync`` from the command line;
+- the event server (``eventserver.py`` beside this file, or ``--server``) on a
+  fresh SQLite file in a temporary directory, with ``--sync`` from the command line;
 - a baseline: a ``ThreadingHTTPServer`` handler that does only the per-request
   work no server can avoid (read the body, parse the JSON or form, check Basic
   auth in constant time, write a small JSON answer in one write). It is this
@@ -12,42 +12,60 @@ In one run, on one machine, it starts two HTTP servers in their own processes:
 
 It drives both with the same keep-alive load client (worker processes, each
 running several raw-socket HTTP/1.1 connections in a ``selectors`` loop, one
-request in flight per connection) for a fixed time after a short warm-up, and
-reports, per scenario and connection count, requests/s, p50 and p99 latency,
-the ratio server / baseline and the server's peak RSS and CPU:
+request in flight per connection; or wrk with ``--client wrk``) for a fixed
+time after a short warm-up, and reports, per scenario and connection count,
+throughput, p50 and p99 latency, the ratio server / baseline and the server's
+peak RSS and CPU:
 
-- publish: POSTs of a ~400-byte envelope spread over 16 streams;
-- read:    GETs of ``limit=10`` from a stream preloaded with 100,000 events
-           (the readers never acknowledge, so they read the same events);
-- consume: every connection is a consumer that reads ``limit=100`` and
-           acknowledges each event in order; the server figure is events/s and
-           the ratio is events/s / baseline requests/s of the same request mix;
-- mixed:   4 publishers and 4 consumers at once (one row each);
-- waiters: only when named (``--scenarios waiters``, about a minute), not against
-           the baseline: the publish load at 8 connections, alternately
-           without and with 100 long-poll reads waiting (``--waiters``), for
-           5 rounds (``--waiter-rounds``; the order flips each round, so drift
-           falls on both alike). The waiters are another process: 100 more
-           keep-alive connections, each holding a ``wait=30`` read of an event
-           name nobody publishes on one of the publish streams, and reading
-           again when one returns; they are not counted as requests. After
-           each run one event of that name per stream releases them and they
-           disconnect, so the next run starts without them (the server's
-           thread count is checked both ways). It reports the median
-           publishes/s of each and the change (issue 5: at most 10% slower).
+- publish:     POSTs of a ~400-byte envelope spread over 16 streams;
+- repeat-read: GETs of ``limit=10`` from a stream preloaded with 100,000 events;
+               the readers never acknowledge, so they read the same window again
+               and again (answered from the server's cache of recent answers).
+               ``read`` is its old name and still accepted;
+- consume:     every connection is a consumer that reads ``limit=100`` and
+               acknowledges each event in order; the figure is events/s and the
+               ratio is events/s / baseline requests/s of the same request mix;
+- mixed:       4 publishers and 4 consumers at once (one row each);
+- tail:        consumers that keep up: each reads (``limit=100``) the newest events
+               of a fresh stream that one connection publishes to at ``--tail-rate``
+               events/s, then acknowledges each; the ratio is requests/s (reads and
+               acknowledgements) / baseline requests/s, where the baseline's
+               consumers acknowledge one event per read; the notes give reads/s,
+               events/s and how far the slowest consumer was behind at the end;
+- spread:      ``--spread-consumers`` (10,000) consumers at distinct random offsets
+               of one stream of ``--spread-events`` (1,000,000) events, built with
+               ``eventserver.py import`` (its time and peak RSS are reported);
+               each connection reads ``limit=10`` for the consumers in its own
+               random order, so no window is read twice in a row. A second
+               server runs on that database; the baseline is the same.
+- waiters:     only when named, not against the baseline: the publish load at 8
+               connections, alternately without and with 100 long-poll reads
+               waiting (``--waiters``) for 5 rounds (``--waiter-rounds``; the order
+               flips each round). Each waiter holds a ``wait=30`` read of an event
+               name nobody publishes and reads again when one times out; after the
+               run one event of that name per stream releases them. It reports the
+               median publishes/s of each and the change (issue 5: at most 10%).
+- memory:      only when named: the server's peak RSS while it loads
+               ``--spread-events`` events with ``--fixtures``, the import's peak RSS
+               (as for spread), and the RSS of the spread server after
+               ``--memory-consumers`` (100,000) distinct consumers each read and
+               acknowledged one event.
 
-With ``--scale`` it then loads 1,000,000 more events (100 streams) through the
-batch API and runs publish and read again, to compare with the first figures.
-It prints a table and writes every figure to a JSON file (``--json``).
+With ``--scale`` it then loads ``--events`` (1,000,000) more events in
+``--streams`` (100) streams through the batch API and runs publish and
+repeat-read again. It prints a table and writes every figure to a JSON file
+(``--json``).
 
-Run it (``make bench`` runs the first line):
+Run it (``make bench`` runs the first line, ``make bench-memory`` the memory one):
 
-    python3 bench_eventserver.py                  # about 2 minutes on 2 cores
+    python3 bench_eventserver.py                  # about 5 minutes on 2 cores
     python3 bench_eventserver.py --sync normal
-    python3 bench_eventserver.py --scale          # adds the 1,000,000-event runs, about 5 minutes in all
+    python3 bench_eventserver.py --client wrk --repeat 3 --scenarios publish,consume
+    python3 bench_eventserver.py --scenarios tail,spread --client wrk --connections 8,32
+    python3 bench_eventserver.py --scenarios memory
+    python3 bench_eventserver.py --scale          # adds the 1,000,000-event runs
     python3 bench_eventserver.py --scenarios waiters   # publishing with and without 100 long polls
-    python3 bench_eventserver.py --repeat 3       # median of 3 per figure: steadier on a shared machine
-    python3 bench_eventserver.py --duration 2 --connections 8 --scenarios publish,read
+    python3 bench_eventserver.py --server old/eventserver.py --scenarios publish,consume
     python3 bench_eventserver.py --build-db big.db --events 1000000 --streams 100
     python3 bench_eventserver.py --endpoints big.db --requests 20
 
@@ -57,26 +75,28 @@ request at a time on one keep-alive connection, ``GET /api/v1/health`` (the
 reference) and every endpoint of SPEC.md section 4 plus a ``limit=10`` read:
 median and p90 wall time of ``--requests`` requests each (5 for an endpoint
 whose first, untimed request took over 0.5 s) and each median's ratio to
-health's. The endpoints take turns, so a burst of noise from the machine falls
-on all of them alike. It finds a stream, an event name and an event ID through
-the API; a search term matching nothing makes the search read every payload.
-It leaves the data as it was except for consumer offsets: when the stream has
-none it first creates three (seeks), and the timed seek sets the first one to
-the offset it already has (only its movedAt changes).
-``--client wrk`` uses ``wrk`` (when on PATH) for publish and read; the default
-client is the standard-library one, which is also always used for consume and
-mixed. ``python3 bench_eventserver.py --help`` lists every flag.
+health's. The endpoints take turns, so a burst of noise falls on all alike. It
+finds a stream, an event name and an event ID through the API; a search term
+matching nothing makes the search read every payload. It changes only consumer
+offsets: when the stream has none it creates three (seeks), and the timed seek
+sets the first one to the offset it already has.
+
+``--client wrk`` uses ``wrk`` (when on PATH) for publish, repeat-read, consume,
+tail and spread (consume and tail with one wrk thread per connection, which
+keeps each consumer's state); mixed and waiters always use the standard-library
+client. wrk's p50/p99 are over all its requests (reads and acknowledgements).
 
 The client shares the machine with both servers: on 2 cores it takes about
-30-45 us of CPU per request (mostly send/recv system calls), which lowers the
-baseline's figure a little more than the server's. Figures from one run vary
-by 10-20% on a shared virtual machine; compare ratios, and use ``--repeat``.
-Standard library only; Linux (it reads ``/proc`` for RSS and CPU).
+30-45 us of CPU per request, which lowers the baseline's figure a little more
+than the server's. Figures from one run vary by 10-20% on a shared virtual
+machine; compare ratios, and use ``--repeat``. Standard library only; Linux (it
+reads ``/proc`` for RSS and CPU).
 """
 
 import argparse
 import array
 import base64
+import heapq
 import hmac
 import http.client
 import itertools
@@ -86,6 +106,7 @@ import multiprocessing
 import os
 import platform
 import queue
+import random
 import re
 import selectors
 import shlex
@@ -103,7 +124,7 @@ import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -114,78 +135,77 @@ class BenchError(Exception):
 
 # Configuration ###############################################################
 
-SCENARIOS = ("publish", "read", "consume", "mixed", "waiters")
-DEFAULT_SCENARIOS = ("publish", "read", "consume", "mixed")   # waiters takes about a minute more: asked for by name
+SCENARIOS = ("publish", "repeat-read", "consume", "mixed", "tail", "spread", "waiters", "memory")
+DEFAULT_SCENARIOS = ("publish", "repeat-read", "consume", "mixed", "tail", "spread")
+SCENARIO_ALIASES = {"read": "repeat-read"}
 PUBLISH_STREAMS = 16                 # the publish scenario spreads its POSTs over this many streams
-READ_LIMIT = 10                      # limit= of the read scenario
-CONSUME_LIMIT = 100                  # limit= of the consume scenario
+READ_LIMIT = 10                      # limit= of repeat-read and spread
+CONSUME_LIMIT = 100                  # limit= of consume and tail
 MIXED_PUBLISHERS = 4
 MIXED_CONSUMERS = 4
 WAITERS_PUBLISHERS = 8               # publish connections of the waiters scenario
 WAITERS_WAIT = 30                    # wait= of each long-poll read (the server's default --max-wait)
 WAITERS_NAME = "BenchNobodyPublishes"   # the waiters' event name (+ a suffix per run); released by one event
+LINGER_S = 20.0                      # how long waiters may take to be released after the window
 LOAD_BATCH = 1000                    # envelopes per POST when preloading (the API's maximum)
 LOAD_CONNECTIONS = 4                 # concurrent loader connections
 EVENT_NAME = "OrderPlaced"
 READ_STREAM = "bench-read"
+SPREAD_STREAM = "bench-spread"
+FIXED_TIME = "2024-05-14T13:58:12.000000+00:00"   # createdAt / movedAt of generated records
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="bench_eventserver.py",
         description="Benchmark eventserver.py against a do-nothing ThreadingHTTPServer baseline.")
-    parser.add_argument("--server", default=os.path.join(HERE, "eventserver.py"),
-                        help="path of eventserver.py (default: beside this script)")
-    parser.add_argument("--sync", choices=("full", "normal"), default="full",
-                        help="the server's --sync mode (default full)")
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="measured seconds per run (default 5)")
-    parser.add_argument("--warmup", type=float, default=1.0,
-                        help="unmeasured seconds before each run (default 1)")
-    parser.add_argument("--connections", default="1,8,32",
-                        help="comma-separated connection counts (default 1,8,32)")
-    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
-                        help="comma-separated subset of %s (default %s; waiters, about a minute with the "
-                             "defaults, runs only when named)" % (",".join(SCENARIOS),
-                                                                  ",".join(DEFAULT_SCENARIOS)))
-    parser.add_argument("--waiters", type=int, default=100, metavar="N",
-                        help="waiters scenario: long-poll reads held open during the 'with' runs "
-                             "(default 100)")
-    parser.add_argument("--waiter-rounds", type=int, default=5, metavar="N",
-                        help="waiters scenario: rounds of one run without and one with the waiters, "
-                             "alternating which goes first (default 5)")
-    parser.add_argument("--client-procs", type=int, default=0,
-                        help="load-client processes per run (default: min(connections, CPUs))")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run each pair this many times and report the median ratio (default 1)")
-    parser.add_argument("--client", choices=("stdlib", "wrk"), default="stdlib",
-                        help="load client for publish and read (default stdlib; wrk must be on PATH)")
-    parser.add_argument("--read-events", type=int, default=100_000,
-                        help="events preloaded in the stream that read and consume use (default 100000)")
-    parser.add_argument("--scale", action="store_true",
-                        help="then load --scale-events more events and run publish and read again")
-    parser.add_argument("--scale-events", type=int, default=1_000_000,
-                        help="events loaded for --scale (default 1000000)")
-    parser.add_argument("--scale-streams", type=int, default=100,
-                        help="streams they are spread over (default 100)")
-    parser.add_argument("--json", default=None, metavar="PATH",
-                        help="where to write the figures (default bench-results.json, with --endpoints "
-                             "bench-results-endpoints.json; '' for none)")
-    parser.add_argument("--build-db", metavar="PATH",
-                        help="only build a database at PATH through the HTTP batch API, then exit")
-    parser.add_argument("--events", type=int, default=1_000_000,
-                        help="with --build-db: number of events (default 1000000)")
-    parser.add_argument("--streams", type=int, default=100,
-                        help="with --build-db: number of streams (default 100)")
-    parser.add_argument("--endpoints", metavar="DB",
-                        help="only time each API endpoint, one request at a time, on the existing "
-                             "database DB (see above), then exit")
-    parser.add_argument("--requests", type=int, default=20, metavar="N",
-                        help="with --endpoints: timed requests per endpoint (default 20; at most 5 "
-                             "for an endpoint whose first request takes over 0.5 s)")
-    parser.add_argument("--event-name", default=EVENT_NAME,
-                        help="with --endpoints: the event name to read and search for "
-                             "(default %s, what --build-db writes)" % EVENT_NAME)
+    add = parser.add_argument
+    add("--server", default=os.path.join(HERE, "eventserver.py"),
+        help="path of eventserver.py (default: beside this script)")
+    add("--sync", choices=("full", "normal"), default="full", help="the server's --sync mode (default full)")
+    add("--duration", type=float, default=5.0, help="measured seconds per run (default 5)")
+    add("--warmup", type=float, default=1.0, help="unmeasured seconds before each run (default 1)")
+    add("--connections", default="1,8,32", help="comma-separated connection counts (default 1,8,32)")
+    add("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+        help="comma-separated subset of %s (default %s; waiters and memory run only when named)"
+             % (",".join(SCENARIOS), ",".join(DEFAULT_SCENARIOS)))
+    add("--repeat", type=int, default=1,
+        help="run each pair this many times and report the median ratio (default 1)")
+    add("--client", choices=("stdlib", "wrk"), default="stdlib",
+        help="load client (default stdlib; wrk must be on PATH)")
+    add("--client-procs", type=int, default=0,
+        help="load-client processes per run (default: min(connections, CPUs))")
+    add("--read-events", type=int, default=100_000,
+        help="events preloaded in the stream that repeat-read and consume use (default 100000)")
+    add("--tail-rate", type=float, default=200.0, metavar="N",
+        help="tail: events/s published to the tail stream, on one connection (default 200)")
+    add("--spread-events", type=int, default=1_000_000, metavar="N",
+        help="spread and memory: events in the spread stream, and loaded as --fixtures (default 1000000)")
+    add("--spread-consumers", type=int, default=10_000, metavar="N",
+        help="spread: consumers at distinct random offsets (default 10000)")
+    add("--spread-db", metavar="PATH",
+        help="spread: use this database, built there by import first if missing (default: a fresh one)")
+    add("--memory-consumers", type=int, default=100_000, metavar="N",
+        help="memory: distinct consumers that each read and acknowledge one event (default 100000)")
+    add("--waiters", type=int, default=100, metavar="N",
+        help="waiters: long-poll reads held open during the 'with' runs (default 100)")
+    add("--waiter-rounds", type=int, default=5, metavar="N",
+        help="waiters: rounds of one run without and one with the waiters (default 5)")
+    add("--scale", action="store_true", help="then load --events more events and run publish and repeat-read again")
+    add("--events", "--scale-events", type=int, default=1_000_000,
+        help="events loaded for --scale and --build-db (default 1000000)")
+    add("--streams", "--scale-streams", type=int, default=100,
+        help="streams they are spread over (default 100)")
+    add("--build-db", metavar="PATH", help="only build a database at PATH through the HTTP batch API, then exit")
+    add("--endpoints", metavar="DB",
+        help="only time each API endpoint, one request at a time, on the existing database DB, then exit")
+    add("--requests", type=int, default=20, metavar="N",
+        help="with --endpoints: timed requests per endpoint (default 20; at most 5 for a slow one)")
+    add("--event-name", default=EVENT_NAME,
+        help="with --endpoints: the event name to read and search for (default %s)" % EVENT_NAME)
+    add("--json", default=None, metavar="PATH",
+        help="where to write the figures (default bench-results.json, with --endpoints "
+             "bench-results-endpoints.json; '' for none)")
     args = parser.parse_args(argv)
     try:
         args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
@@ -193,14 +213,17 @@ def parse_args(argv):
         parser.error("--connections takes comma-separated integers, e.g. 1,8,32")
     if not args.connections or min(args.connections) < 1:
         parser.error("--connections needs at least one count, each >= 1")
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    args.scenarios = [SCENARIO_ALIASES.get(s.strip(), s.strip()) for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown or not args.scenarios:
         parser.error("unknown scenario(s) %s; choose from %s" % (",".join(unknown), ",".join(SCENARIOS)))
     if args.duration <= 0 or args.warmup < 0 or args.repeat < 1:
         parser.error("--duration must be > 0, --warmup >= 0 and --repeat >= 1")
-    if args.waiters < 1 or args.waiter_rounds < 1:
-        parser.error("--waiters and --waiter-rounds must be >= 1")
+    if min(args.waiters, args.waiter_rounds, args.spread_consumers, args.memory_consumers) < 1:
+        parser.error("--waiters, --waiter-rounds, --spread-consumers and --memory-consumers must be >= 1")
+    if args.spread_events < args.spread_consumers + READ_LIMIT or args.tail_rate <= 0:
+        parser.error("--spread-events must exceed --spread-consumers by %d, --tail-rate must be > 0"
+                     % READ_LIMIT)
     if args.client == "wrk" and not shutil.which("wrk"):
         parser.error("--client wrk: wrk is not on PATH")
     if args.build_db is None and not os.path.exists(args.server):
@@ -214,6 +237,7 @@ def parse_args(argv):
             parser.error("--requests must be >= 1")
     if args.json is None:
         args.json = "bench-results-endpoints.json" if args.endpoints is not None else "bench-results.json"
+    args.server = os.path.abspath(args.server)
     return args
 
 
@@ -262,12 +286,21 @@ def scale_stream(index):
     return "bench-scale-%03d" % index
 
 
+def spread_consumer(index):
+    return "bench-spread-%05d" % index
+
+
 def basic_auth(user, password):
     return "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
 
 
 def stream_path(stream):
     return "/api/v1/streams/%s/events" % urllib.parse.quote(stream, safe="")
+
+
+def read_path(stream, limit, event_name=EVENT_NAME, wait=None):
+    return "%s?eventName=%s&limit=%d%s" % (stream_path(stream), urllib.parse.quote(event_name, safe=""),
+                                           limit, "" if wait is None else "&wait=%d" % wait)
 
 
 def http_request(target, method, path, headers, body=b""):
@@ -278,6 +311,10 @@ def http_request(target, method, path, headers, body=b""):
     if method == "POST":
         lines.append("Content-Length: %d" % len(body))
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+ACK_HEADERS = {"Content-Type": "application/x-www-form-urlencoded"}
+ACK_BODY = b"action=ACK"
 
 
 # Baseline server #############################################################
@@ -353,10 +390,10 @@ class Service:
         self.name = name
         self.out_path = os.path.join(workdir, name + ".stdout")
         self.err_path = os.path.join(workdir, name + ".stderr")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.started = time.monotonic()
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.process = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                            env=env)
+                                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.pid = self.process.pid
         deadline = time.monotonic() + timeout
         while True:
@@ -371,9 +408,9 @@ class Service:
                 self.process.kill()
                 raise BenchError("%s printed no URL within %.0f s" % (name, timeout))
             time.sleep(0.05)
+        self.listening_s = time.monotonic() - self.started
         host = match.group(1).strip("[]")
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.banner = next(line.strip() for line in text.splitlines() if URL_PATTERN.search(line))
         self.target = {"host": host, "port": int(match.group(2)), "auth": basic_auth(user, password)}
         self.exit_note = None
@@ -398,7 +435,7 @@ class Service:
                 if status == 200:
                     return
                 last = "%d %s" % (status, body[:200])
-            except OSError as error:
+            except (OSError, http.client.HTTPException) as error:
                 last = str(error)
             time.sleep(0.1)
         raise BenchError("%s not healthy after %.0f s: %s" % (self.name, timeout, last))
@@ -417,21 +454,36 @@ class Service:
         if self.process.returncode != 0:
             self.exit_note = "exit code %s after SIGTERM: %s" % (self.process.returncode, self.stderr_tail())
 
-    def tracebacks(self):
-        return self.stderr_text().count("Traceback (most recent call last)")
+    def problems(self):
+        """What went wrong in this server's life, for the PROBLEM lines."""
+        found = ["%s %s" % (self.name, self.exit_note)] if self.exit_note else []
+        tracebacks = self.stderr_text().count("Traceback (most recent call last)")
+        if tracebacks:
+            found.append("%s logged %d traceback(s); last lines: %s" % (self.name, tracebacks,
+                                                                       self.stderr_tail(8)))
+        return found
 
 
-def simple_request(target, method, path, headers=None, body=None, timeout=120):
-    """One request on a new http.client connection: (status, body bytes)."""
-    connection = http.client.HTTPConnection(target["host"], target["port"], timeout=timeout)
+def proc_status(pid, field):
+    """An integer field of /proc/PID/status (VmRSS, VmHWM in kB, Threads), or None."""
     try:
-        all_headers = {"Authorization": target["auth"]}
-        all_headers.update(headers or {})
-        connection.request(method, path, body=body, headers=all_headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process, from /proc/PID/stat."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class ProcessMeter:
@@ -443,125 +495,121 @@ class ProcessMeter:
         self.polled_peak_kb = 0
 
     def start(self):
-        self.cpu_start = self.cpu_seconds()
-        # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0); without it, poll VmRSS.
-        try:
+        self.cpu_start = cpu_seconds(self.pid)
+        try:  # writing 5 to clear_refs resets VmHWM (Linux >= 4.0); without it, poll VmRSS
             with open("/proc/%d/clear_refs" % self.pid, "w") as f:
                 f.write("5")
-            self.hwm_reset = True
         except OSError:
-            self.hwm_reset = False
             self.stop_polling = threading.Event()
             self.poller = threading.Thread(target=self.poll, daemon=True)
             self.poller.start()
 
     def mark_cpu(self):
-        self.cpu_start = self.cpu_seconds()
+        self.cpu_start = cpu_seconds(self.pid)
 
     def stop(self):
         """(peak RSS in MB, CPU seconds since start or the last mark)."""
-        cpu = self.cpu_seconds() - self.cpu_start
+        cpu = cpu_seconds(self.pid) - self.cpu_start
         if self.poller:
             self.stop_polling.set()
             self.poller.join()
-            peak_kb = max(self.polled_peak_kb, self.status_kb("VmRSS"))
+            peak_kb = max(self.polled_peak_kb, proc_status(self.pid, "VmRSS") or 0)
         else:
-            peak_kb = self.status_kb("VmHWM")
+            peak_kb = proc_status(self.pid, "VmHWM") or 0
         return peak_kb / 1024.0, cpu
 
     def poll(self):
         while not self.stop_polling.wait(0.05):
-            self.polled_peak_kb = max(self.polled_peak_kb, self.status_kb("VmRSS"))
-
-    def status_kb(self, field):
-        try:
-            with open("/proc/%d/status" % self.pid) as f:
-                for line in f:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    def cpu_seconds(self):
-        try:
-            with open("/proc/%d/stat" % self.pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
+            self.polled_peak_kb = max(self.polled_peak_kb, proc_status(self.pid, "VmRSS") or 0)
 
 
-# Load client #################################################################
-# Each worker process runs a selectors loop over its keep-alive connections.
-# A connection is driven by a session: a generator that yields the next
-# request and is sent the (status, body) of the answer.
+# Clients #####################################################################
+# Client: http.client on one keep-alive connection, for set-up, loading and
+# --endpoints. RawConnection: a socket and the answer read so far, for the
+# load client, which parses only what it needs.
 
-def publish_session(target, spec, stats):
-    """POST envelopes round-robin over the publish streams this connection shares with the others."""
-    streams = [publish_stream(i) for i in range(PUBLISH_STREAMS)]
-    heads = []
-    for stream in streams:
-        request = http_request(target, "POST", stream_path(stream),
-                               {"Content-Type": "application/json", "X-Producer-ID": producer_id(stream)},
-                               envelope_bytes(0))
-        heads.append(request[:-ENVELOPE_SIZE])
-    index, total = spec["index"], spec["total"]
-    first_order = index * 100_000_000
-    for count in itertools.count():
-        stream_index = (index + count * total) % PUBLISH_STREAMS
-        yield heads[stream_index] + envelope_bytes(first_order + count % 100_000_000), False
+class Client:
+    """One keep-alive http.client connection with the run's credentials."""
 
+    def __init__(self, target, timeout=300):
+        self.target = target
+        self.timeout = timeout
+        self.connection = None
 
-def read_session(target, spec, stats):
-    """GET the same first events again and again: this consumer never acknowledges."""
-    path = "%s?eventName=%s&limit=%d" % (stream_path(READ_STREAM), EVENT_NAME, READ_LIMIT)
-    request = http_request(target, "GET", path, {"X-Consumer-ID": spec["consumer"]})
-    while True:
-        yield request, False
+    def __enter__(self):
+        return self
 
+    def __exit__(self, *_):
+        self.close()
 
-def consume_session(target, spec, stats):
-    """Read limit=100, acknowledge each event in order; a fresh consumer ID when the stream runs dry."""
-    read_path = "%s?eventName=%s&limit=%d" % (stream_path(READ_STREAM), EVENT_NAME, CONSUME_LIMIT)
-    ack_prefix = ("POST %s/" % stream_path(READ_STREAM)).encode()
-    fake_ids = [str(uuid.uuid4()) for _ in range(CONSUME_LIMIT)] if spec["fake"] else None
-    generation = 0
-    while True:
-        consumer = "%s-%d" % (spec["consumer"], generation)
-        read_request = http_request(target, "GET", read_path, {"X-Consumer-ID": consumer})
-        ack_suffix = http_request(target, "POST", "", {"X-Consumer-ID": consumer,
-                                  "Content-Type": "application/x-www-form-urlencoded"},
-                                  b"action=ACK")[len("POST "):]
-        while True:
-            status, body = yield read_request, False
-            if status != 200:
+    def request(self, method, path, headers=None, body=None):
+        """(status, body, seconds); a GET is retried once when the server closed an idle connection."""
+        all_headers = {"Authorization": self.target["auth"]}
+        all_headers.update(headers or {})
+        for attempt in (1, 2):
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection(self.target["host"], self.target["port"],
+                                                             timeout=self.timeout)
+                self.connection.connect()
+                self.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            began = time.perf_counter()
+            try:
+                self.connection.request(method, path, body=b"" if body is None and method == "POST" else body,
+                                        headers=all_headers)
+                response = self.connection.getresponse()
+                answer = response.read()
+            except (http.client.HTTPException, OSError) as error:
+                self.close()
+                if attempt == 2 or method != "GET":
+                    raise BenchError("%s %s: %r" % (method, path, error)) from None
                 continue
-            if fake_ids:
-                event_ids = fake_ids
-            else:
-                event_ids = [event["eventId"] for event in json.loads(body)]
-            if not event_ids:
-                break
-            for event_id in event_ids:
-                status, body = yield ack_prefix + event_id.encode() + ack_suffix, True
-                if status != 200:
-                    break
-        generation += 1
-        stats.consumer_restarts += 1
+            seconds = time.perf_counter() - began
+            if response.will_close:
+                self.close()
+            return response.status, answer, seconds
+
+    def json(self, method, path, headers=None, body=None):
+        status, answer, _ = self.request(method, path, headers, body)
+        if status != 200:
+            raise BenchError("%s %s: %d %s" % (method, path, status, answer[:300].decode("utf-8", "replace")))
+        return json.loads(answer)
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
 
 
-SESSIONS = {"publish": publish_session, "read": read_session, "consume": consume_session}
+def simple_request(target, method, path, headers=None, body=None):
+    """One request on a new connection: (status, body bytes)."""
+    with Client(target, timeout=120) as client:
+        status, answer, _ = client.request(method, path, headers, body)
+        return status, answer
+
+
+def publish_one(target, stream, event_name=EVENT_NAME):
+    """POST one envelope with this event name to the stream, as its owner."""
+    envelope = json.loads(envelope_bytes(0))
+    envelope["event"]["name"] = event_name
+    status, body = simple_request(target, "POST", stream_path(stream), {
+        "Content-Type": "application/json", "X-Producer-ID": producer_id(stream)}, json.dumps(envelope).encode())
+    if status != 200:
+        raise BenchError("publishing %s to %s: %d %s" % (event_name, stream, status, body[:300]))
+
+
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 
 
-class ClientConnection:
+class RawConnection:
     """One keep-alive socket, its session, the request in flight and the answer read so far."""
 
     def __init__(self, target, spec, stats):
         self.target = target
         self.stats = stats
+        self.interval = spec.get("interval")   # seconds between one request's start and the next's
+        self.due = 0.0   # when the paced request in flight was due
+        self.linger = spec.get("linger", False)   # goes on after the window until its session ends
         self.session = SESSIONS[spec["role"]](target, spec, stats)
         self.request, self.is_ack = next(self.session)
         self.connect()
@@ -605,8 +653,118 @@ class ClientConnection:
             return False
 
 
+# Sessions ####################################################################
+# A connection is driven by a session: a generator that yields the next
+# (request bytes, is_ack) and is sent the (status, body) of the answer
+# (status None: the request failed). spec["fake"]: the baseline, whose answers
+# hold no events, gets the same request mix with made-up event IDs.
+
+def publish_session(target, spec, stats):
+    """POST envelopes round-robin over the streams (default the 16 publish streams)."""
+    streams = spec.get("streams") or [publish_stream(i) for i in range(PUBLISH_STREAMS)]
+    heads = [http_request(target, "POST", stream_path(stream), {"Content-Type": "application/json",
+                          "X-Producer-ID": producer_id(stream)}, envelope_bytes(0))[:-ENVELOPE_SIZE]
+             for stream in streams]
+    index, total = spec["index"], spec["total"]
+    first_order = index * 100_000_000
+    for count in itertools.count():
+        yield heads[(index + count * total) % len(heads)] + envelope_bytes(first_order + count % 100_000_000), False
+
+
+def repeat_read_session(target, spec, stats):
+    """GET the same first events again and again: this consumer never acknowledges."""
+    request = http_request(target, "GET", read_path(READ_STREAM, READ_LIMIT), {"X-Consumer-ID": spec["consumer"]})
+    while True:
+        yield request, False
+
+
+EVENT_ID = re.compile(rb'"eventId":"([0-9a-f-]{36})"')
+
+
+def consumer_session(target, spec, stats):
+    """Read, acknowledge each event read, in order. consume: limit=100, a new consumer ID when the
+    stream runs dry; tail: read again (the stream is being published to)."""
+    stream, tail = spec["stream"], spec["role"] == "tail"
+    path = read_path(stream, CONSUME_LIMIT)
+    ack_prefix = ("POST %s/" % stream_path(stream)).encode()
+    fake_ids = [str(uuid.uuid4()).encode()] * CONSUME_LIMIT
+    owed = 0.0   # tail on the baseline: acknowledgements per read as the server's consumers made
+    for generation in itertools.count():
+        consumer = "%s-%d" % (spec["consumer"], generation)
+        read_request = http_request(target, "GET", path, {"X-Consumer-ID": consumer})
+        ack_suffix = http_request(target, "POST", "", dict(ACK_HEADERS, **{"X-Consumer-ID": consumer}),
+                                  ACK_BODY)[len("POST "):]
+        while True:
+            status, body = yield read_request, False
+            stats.count("reads")
+            if status != 200:
+                continue
+            if spec["fake"]:
+                owed += spec.get("acks_per_read", CONSUME_LIMIT)
+                event_ids, owed = fake_ids[:int(owed)], owed - int(owed)
+            else:
+                event_ids = EVENT_ID.findall(body)
+            if not event_ids and not tail:
+                break
+            for event_id in event_ids:
+                status, body = yield ack_prefix + event_id + ack_suffix, True
+                if status != 200:
+                    break
+        stats.count("restarts")
+
+
+def spread_session(target, spec, stats):
+    """limit=10 reads for every spread consumer, in this connection's own random order."""
+    head, tail = http_request(target, "GET", read_path(SPREAD_STREAM, READ_LIMIT),
+                              {"X-Consumer-ID": "\0"}).split(b"\0")
+    order = list(range(spec["consumers"]))
+    random.Random(spec["index"]).shuffle(order)
+    while True:
+        for index in order:
+            yield head + spread_consumer(index).encode() + tail, False
+
+
+def newcomer_session(target, spec, stats):
+    """Distinct consumers, this connection's share of spec["consumers"]: each reads one event and
+    acknowledges it; the session ends when all have."""
+    ack_prefix = ("POST %s/" % stream_path(spec["stream"])).encode()
+    path = read_path(spec["stream"], 1)
+    for number in range(spec["index"], spec["consumers"], spec["total"]):
+        consumer = "bench-newcomer-%06d" % number
+        status, body = yield http_request(target, "GET", path, {"X-Consumer-ID": consumer}), False
+        for event_id in EVENT_ID.findall(body or b""):
+            yield ack_prefix + event_id + http_request(target, "POST", "", dict(
+                ACK_HEADERS, **{"X-Consumer-ID": consumer}), ACK_BODY)[len("POST "):], True
+        stats.count("consumers")
+
+
+def waiter_session(target, spec, stats):
+    """A long-poll read of an event name nobody publishes, again when it times out, until an event
+    of that name (published after the window) releases it."""
+    path = read_path(publish_stream(spec["index"] % PUBLISH_STREAMS), 1, spec["name"], WAITERS_WAIT)
+    request = http_request(target, "GET", path, {"X-Consumer-ID": "bench-waiter-%03d" % spec["index"]})
+    while True:
+        sent = time.monotonic()
+        status, body = yield request, False
+        if status != 200:
+            return   # the error is counted; reading again would make it a busy loop
+        if body.strip() != b"[]":
+            stats.count("released", anytime=True)
+            return
+        stats.count("timed_out" if time.monotonic() - sent >= WAITERS_WAIT - 1 else "early", anytime=True)
+
+
+ROLE_ORDER = ("tail", "publish", "repeat-read", "consume", "spread", "newcomer", "waiter")
+SESSIONS = {"publish": publish_session, "repeat-read": repeat_read_session, "consume": consumer_session,
+            "tail": consumer_session, "spread": spread_session, "newcomer": newcomer_session,
+            "waiter": waiter_session}
+
+
+# Load client #################################################################
+# Each worker process runs a selectors loop over its keep-alive connections.
+
 class RoleStats:
-    """What the connections of one role (publish, read, consume) did in the measured window."""
+    """What the connections of one role (publish, consume, ...) did in the measured window."""
 
     def __init__(self):
         self.requests = 0
@@ -614,27 +772,27 @@ class RoleStats:
         self.latencies = array.array("d")
         self.errors = {}
         self.samples = []
-        self.consumer_restarts = 0
+        self.counts = {}   # what the sessions counted: reads, restarts, released...
 
     def error(self, kind, detail):
         self.errors[kind] = self.errors.get(kind, 0) + 1
         if len(self.samples) < 5:
             self.samples.append("%s: %s" % (kind, detail[:300]))
 
-    def as_dict(self):
-        return {"requests": self.requests, "events": self.events, "latencies": self.latencies.tobytes(),
-                "errors": self.errors, "samples": self.samples,
-                "consumer_restarts": self.consumer_restarts}
+    def count(self, what, anytime=False):
+        if self.in_window or anytime:
+            self.counts[what] = self.counts.get(what, 0) + 1
+
+    in_window = False
 
 
 def client_worker(target, specs, duration, ready, start, start_time, results):
-    """One load-client process: connect, wait for the common start, drive until the window closes."""
+    """One load-client process: connect, wait for the common start, drive until the window closes
+    (and the lingering sessions end), report."""
     stats = {}
     try:
-        connections = []
-        for spec in specs:
-            role_stats = stats.setdefault(spec["role"], RoleStats())
-            connections.append(ClientConnection(target, spec, role_stats))
+        connections = [RawConnection(target, spec, stats.setdefault(spec["role"], RoleStats()))
+                       for spec in specs]
     except Exception as error:
         ready.put("connect failed: %r" % error)
         return
@@ -643,84 +801,138 @@ def client_worker(target, specs, duration, ready, start, start_time, results):
     window_start = start_time.value
     window_end = window_start + duration
     cpu_start = None   # CPU time of this process when the measured window opens
-    selector = selectors.DefaultSelector()
-    monotonic = time.monotonic
+    loop = Loop(window_start, window_end)
     try:
         for connection in connections:
-            selector.register(connection.sock, selectors.EVENT_READ, connection)
-            connection.send(monotonic())
-        while True:
-            now = monotonic()
-            if now >= window_end:
-                break
+            loop.selector.register(connection.sock, selectors.EVENT_READ, connection)
+            loop.live += 1
+            connection.send(time.monotonic())
+        while loop.live:
+            now = time.monotonic()
             if cpu_start is None and now >= window_start:
                 cpu_start = time.process_time()
-            for key, _ in selector.select(min(0.1, window_end - now)):
-                drive(key.data, selector, window_start, window_end)
+                for role_stats in stats.values():
+                    role_stats.in_window = True
+            if now >= window_end:
+                if loop.close_unlingering(connections, now, stats):
+                    break
+            loop.send_due(now)
+            for key, _ in loop.selector.select(loop.timeout(now)):
+                loop.drive(key.data)
     except Exception as error:
         results.put({"failed": "load client process: %r" % error})
         return
     cpu = time.process_time() - (cpu_start or 0.0)
     for connection in connections:
         connection.sock.close()
-    results.put({"roles": {role: s.as_dict() for role, s in stats.items()}, "cpu": cpu})
+    results.put({"roles": {role: {"requests": s.requests, "events": s.events, "errors": s.errors,
+                                  "latencies": s.latencies.tobytes(), "samples": s.samples, "counts": s.counts}
+                           for role, s in stats.items()}, "cpu": cpu})
 
 
-def drive(connection, selector, window_start, window_end):
-    """Read what arrived; on a complete answer, record it and send the next request."""
-    try:
-        data = connection.sock.recv(262144)
-        if not data:
-            raise ConnectionError("server closed the connection")
-        answer = connection.take_answer(data)
-    except (OSError, ValueError) as error:
-        if reconnect(connection, selector, repr(error)) and connection.advance(None, b""):
-            send_next(connection, selector, time.monotonic())
-        return
-    if answer is None:
-        return
-    status, body, close_after = answer
-    now = time.monotonic()
-    stats = connection.stats
-    if window_start <= now <= window_end:
-        stats.requests += 1
-        stats.latencies.append(now - connection.sent_at)
-        if connection.is_ack and status == 200:
-            stats.events += 1
-    if status != 200:
-        stats.error(str(status), body.decode("utf-8", "replace"))
-    if close_after and not reconnect(connection, selector, None):
-        return
-    if connection.advance(status, body):
-        send_next(connection, selector, now)
-    else:
-        selector.unregister(connection.sock)
+class Loop:
+    """The selectors loop of one worker: answers in, next requests out, paced sends on a heap."""
 
+    def __init__(self, window_start, window_end):
+        self.selector = selectors.DefaultSelector()
+        self.window_start, self.window_end = window_start, window_end
+        self.due = []   # (time, sequence, connection) of paced sends
+        self.sequence = itertools.count()
+        self.live = 0   # connections whose session goes on
+        self.closed_window = False
 
-def send_next(connection, selector, now):
-    try:
-        connection.send(now)
-    except OSError as error:
-        if reconnect(connection, selector, repr(error)) and connection.advance(None, b""):
-            connection.send(time.monotonic())
+    def timeout(self, now):
+        until = self.window_end - now if now < self.window_end else self.window_end + LINGER_S - now
+        if self.due:
+            until = min(until, self.due[0][0] - now)
+        return max(0.0, min(0.1, until))
 
+    def close_unlingering(self, connections, now, stats):
+        """At the window's end: stop every connection but the lingering ones; True when all are done."""
+        if not self.closed_window:
+            self.closed_window = True
+            self.due = []
+            for role_stats in stats.values():
+                role_stats.in_window = False
+            for connection in connections:
+                if not connection.linger and connection.sock.fileno() >= 0:
+                    self.end(connection)
+        return self.live == 0 or now >= self.window_end + LINGER_S
 
-def reconnect(connection, selector, error):
-    """A new socket after the server closed one; False (connection given up) when that fails.
+    def end(self, connection):
+        if connection.sock.fileno() >= 0:
+            self.selector.unregister(connection.sock)
+            connection.sock.close()
+            self.live -= 1
 
-    An error fails the request in flight; the session is told with status None."""
-    selector.unregister(connection.sock)
-    connection.sock.close()
-    if error:
-        connection.stats.error("connection", error)
-        time.sleep(0.01)
-    try:
-        connection.connect()
-    except OSError as connect_error:
-        connection.stats.error("connection", "reconnect failed, connection given up: %r" % connect_error)
-        return False
-    selector.register(connection.sock, selectors.EVENT_READ, connection)
-    return True
+    def send_due(self, now):
+        while self.due and self.due[0][0] <= now:
+            _, _, connection = heapq.heappop(self.due)
+            self.send(connection, now)
+
+    def drive(self, connection):
+        """Read what arrived; on a complete answer, record it and send the next request."""
+        try:
+            data = connection.sock.recv(262144)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            answer = connection.take_answer(data)
+        except (OSError, ValueError) as error:
+            if self.reconnect(connection, repr(error)):
+                self.next(connection, None, b"", time.monotonic())
+            return
+        if answer is None:
+            return
+        status, body, close_after = answer
+        now = time.monotonic()
+        stats = connection.stats
+        if self.window_start <= now <= self.window_end:
+            stats.requests += 1
+            stats.latencies.append(now - connection.sent_at)
+            if connection.is_ack and status == 200:
+                stats.events += 1
+        if status != 200:
+            stats.error(str(status), body.decode("utf-8", "replace"))
+        if close_after and not self.reconnect(connection, None):
+            return
+        self.next(connection, status, body, now)
+
+    def next(self, connection, status, body, now):
+        if not connection.advance(status, body):
+            self.end(connection)
+        elif connection.interval and not self.closed_window:   # a fixed rate; when far behind, start again
+            due = connection.due + connection.interval
+            connection.due = due if now - due < 10 * connection.interval else now
+            heapq.heappush(self.due, (connection.due, next(self.sequence), connection))
+        else:
+            self.send(connection, now)
+
+    def send(self, connection, now):
+        try:
+            connection.send(now)
+        except OSError as error:   # one more try on a new socket; a second failure ends the worker
+            if self.reconnect(connection, repr(error)):
+                if connection.advance(None, b""):
+                    connection.send(time.monotonic())
+                else:
+                    self.end(connection)
+
+    def reconnect(self, connection, error):
+        """A new socket after the server closed one; False (connection given up) when that fails.
+        An error fails the request in flight; the session is told with status None."""
+        self.selector.unregister(connection.sock)
+        connection.sock.close()
+        if error:
+            connection.stats.error("connection", error)
+            time.sleep(0.01)
+        try:
+            connection.connect()
+        except OSError as connect_error:
+            connection.stats.error("connection", "reconnect failed, connection given up: %r" % connect_error)
+            self.live -= 1
+            return False
+        self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+        return True
 
 
 def percentile(sorted_values, fraction):
@@ -730,19 +942,20 @@ def percentile(sorted_values, fraction):
     return sorted_values[max(0, math.ceil(fraction * len(sorted_values)) - 1)]
 
 
-def run_load(service, specs, args, meter=None):
-    """Drive `service` with one connection per spec; figures per role, plus server RSS and CPU."""
-    processes = args.client_procs or min(len(specs), os.cpu_count() or 1)
-    processes = max(1, min(processes, len(specs)))
-    groups = [specs[i::processes] for i in range(processes)]
+def run_load(service, specs, args, meter=None, after_window=None, duration=None):
+    """Drive `service` with one connection per spec; figures per role, plus server RSS and CPU.
+    after_window() runs once the window has closed, while lingering sessions go on."""
+    duration = args.duration if duration is None else duration
+    processes = max(1, min(args.client_procs or os.cpu_count() or 1, len(specs)))
     context = multiprocessing.get_context("fork")
     ready, results, start = context.Queue(), context.Queue(), context.Event()
     start_time = context.Value("d", 0.0)   # time.monotonic() of the measured window's start
-    workers = [context.Process(target=client_worker, args=(service.target, group, args.duration, ready,
+    workers = [context.Process(target=client_worker, args=(service.target, specs[i::processes], duration, ready,
                                                            start, start_time, results), daemon=True)
-               for group in groups]
+               for i in range(processes)]
     for worker in workers:
         worker.start()
+    after = None
     try:
         for _ in workers:
             message = ready.get(timeout=60)
@@ -750,17 +963,22 @@ def run_load(service, specs, args, meter=None):
                 raise BenchError("load client: %s" % message)
         if meter:
             meter.start()
-        begin = time.monotonic()
-        start_time.value = begin + args.warmup
+        start_time.value = time.monotonic() + args.warmup
         start.set()
         time.sleep(args.warmup)
         if meter:
             meter.mark_cpu()
-        time.sleep(max(0.0, start_time.value + args.duration - time.monotonic()))
-        rss_mb, server_cpu = meter.stop() if meter else (None, None)
-        reports = [results.get(timeout=60) for _ in workers]
+        if math.isfinite(duration):
+            time.sleep(max(0.0, start_time.value + duration - time.monotonic()))
+            rss_mb, server_cpu = meter.stop() if meter else (None, None)
+            after = after_window() if after_window else None
+            reports = [results.get(timeout=60 + LINGER_S) for _ in workers]
+        else:   # sessions that end: as long as they take
+            reports = [results.get(timeout=3600) for _ in workers]
+            duration = time.monotonic() - start_time.value
+            rss_mb, server_cpu = meter.stop() if meter else (None, None)
     except queue.Empty:
-        raise BenchError("a load-client process did not report within 60 s") from None
+        raise BenchError("a load-client process did not report in time") from None
     finally:
         for worker in workers:
             worker.join(5)
@@ -769,7 +987,9 @@ def run_load(service, specs, args, meter=None):
     failures = [report["failed"] for report in reports if "failed" in report]
     if failures:
         raise BenchError(failures[0])
-    return merge_reports(reports, args.duration, rss_mb, server_cpu)
+    figures = merge_reports(reports, duration, rss_mb, server_cpu)
+    figures["after_window"] = after
+    return figures
 
 
 def merge_reports(reports, duration, rss_mb, server_cpu):
@@ -777,31 +997,34 @@ def merge_reports(reports, duration, rss_mb, server_cpu):
     for report in reports:
         for role, data in report["roles"].items():
             merged = roles.setdefault(role, {"requests": 0, "events": 0, "latencies": array.array("d"),
-                                             "errors": {}, "samples": [], "restarts": 0})
+                                             "errors": {}, "samples": [], "counts": {}})
             merged["requests"] += data["requests"]
             merged["events"] += data["events"]
             merged["latencies"].frombytes(data["latencies"])
-            for kind, count in data["errors"].items():
-                merged["errors"][kind] = merged["errors"].get(kind, 0) + count
+            for into, counts in ((merged["errors"], data["errors"]), (merged["counts"], data["counts"])):
+                for kind, count in counts.items():
+                    into[kind] = into.get(kind, 0) + count
             merged["samples"] += data["samples"][:5 - len(merged["samples"])]
-            merged["restarts"] += data["consumer_restarts"]
     figures = {}
     for role, merged in roles.items():
         latencies = sorted(merged["latencies"])
-        figures[role] = {
-            "requests": merged["requests"],
-            "requests_per_s": merged["requests"] / duration,
-            "events_per_s": merged["events"] / duration if role == "consume" else None,
-            "p50_ms": ms(percentile(latencies, 0.50)),
-            "p99_ms": ms(percentile(latencies, 0.99)),
-            "errors": merged["errors"],
-            "error_samples": merged["samples"],
-            "consumer_restarts": merged["restarts"] if role == "consume" else None,
-        }
-    client_cpu = sum(report["cpu"] for report in reports)
-    return {"roles": figures, "peak_rss_mb": rss_mb,
+        figures[role] = role_figures(merged["requests"], duration, merged["events"], merged["counts"],
+                                     percentile(latencies, 0.50), percentile(latencies, 0.99), merged["errors"],
+                                     merged["samples"])
+    total_requests = sum(figure["requests"] for figure in figures.values())
+    return {"roles": figures, "peak_rss_mb": rss_mb, "duration_s": duration,
             "server_cpu_percent": None if server_cpu is None else 100.0 * server_cpu / duration,
-            "client_cpu_percent": 100.0 * client_cpu / duration, "client_processes": len(reports)}
+            "server_cpu_us_per_request": round(1e6 * server_cpu / total_requests, 1)
+            if server_cpu is not None and total_requests else None,
+            "client_cpu_percent": 100.0 * sum(report["cpu"] for report in reports) / duration,
+            "client_processes": len(reports)}
+
+
+def role_figures(requests, duration, events, counts, p50, p99, errors, samples):
+    """One role's figures, as both clients report them."""
+    return {"requests": requests, "requests_per_s": requests / duration, "events_per_s": events / duration,
+            "reads_per_s": counts["reads"] / duration if "reads" in counts else None, "counts": counts,
+            "p50_ms": ms(p50), "p99_ms": ms(p99), "errors": errors, "error_samples": samples}
 
 
 def ms(seconds):
@@ -809,79 +1032,172 @@ def ms(seconds):
 
 
 # wrk client (optional) #######################################################
-# Used for publish and read with --client wrk. A Lua script builds the same
-# requests as the standard-library client.
+# A Lua script builds the same requests as the standard-library client's
+# sessions. A consumer keeps its state in the Lua globals of its wrk thread,
+# so consume and tail run one connection per thread; done() prints the counts.
 
 WRK_LUA = r"""
-local auth = "%(auth)s"
+local auth, role, fake = "%(auth)s", "%(role)s", %(fake)s
 local streams = {%(streams)s}
-local prefix = [==[%(prefix)s]==]
-local suffix = [==[%(suffix)s]==]
-local role = "%(role)s"
-local read_path = "%(read_path)s"
-local counter = 0
+local prefix, suffix = [==[%(prefix)s]==], [==[%(suffix)s]==]
+local read_path, ack_prefix, base_consumer = "%(read_path)s", "%(ack_prefix)s", "%(consumer)s"
+local spread_consumers, interval, acks_per_read = %(spread_consumers)d, %(interval_ms)f, %(acks_per_read)f
+local threads, counter, generation, acks, order, position, acking, owed = {}, 0, 0, {}, nil, 0, false, 0
+reads, events, restarts = 0, 0, 0
+setup = function(thread)
+  thread:set("number", #threads)
+  table.insert(threads, thread)
+end
+local function consumer() return base_consumer .. "-" .. number .. "-" .. generation end
 request = function()
   counter = counter + 1
-  if role == "read" then
-    return wrk.format("GET", read_path, {["Authorization"] = auth, ["X-Consumer-ID"] = "bench-wrk-reader"})
+  if role == "publish" then
+    local stream = streams[(counter %% #streams) + 1]
+    return wrk.format("POST", "/api/v1/streams/" .. stream .. "/events",
+      {["Authorization"] = auth, ["Content-Type"] = "application/json",
+       ["X-Producer-ID"] = "bench-producer-" .. stream},
+      prefix .. string.format("%%010d", (number * 100000000 + counter) %% 10000000000) .. suffix)
+  elseif role == "repeat-read" then
+    return wrk.format("GET", read_path, {["Authorization"] = auth, ["X-Consumer-ID"] = base_consumer})
+  elseif role == "spread" then
+    if order == nil or position == #order then   -- this thread's own random order of the consumers
+      math.randomseed(1000 + number)
+      order = {}
+      for i = 1, spread_consumers do order[i] = i - 1 end
+      for i = #order, 2, -1 do local j = math.random(i); order[i], order[j] = order[j], order[i] end
+      position = 0
+    end
+    position = position + 1
+    return wrk.format("GET", read_path, {["Authorization"] = auth,
+      ["X-Consumer-ID"] = string.format("bench-spread-%%05d", order[position])})
   end
-  local stream = streams[(counter %% #streams) + 1]
-  local body = prefix .. string.format("%%010d", counter %% 10000000000) .. suffix
-  return wrk.format("POST", "/api/v1/streams/" .. stream .. "/events",
-    {["Authorization"] = auth, ["Content-Type"] = "application/json",
-     ["X-Producer-ID"] = "bench-producer-" .. stream}, body)
+  acking = #acks > 0
+  if acking then
+    return wrk.format("POST", ack_prefix .. table.remove(acks, 1), {["Authorization"] = auth,
+      ["X-Consumer-ID"] = consumer(), ["Content-Type"] = "application/x-www-form-urlencoded"}, "action=ACK")
+  end
+  return wrk.format("GET", read_path, {["Authorization"] = auth, ["X-Consumer-ID"] = consumer()})
+end
+if role == "consume" or role == "tail" then
+  response = function(status, headers, body)
+    if acking then
+      if status == 200 then events = events + 1 else acks = {} end
+      return
+    end
+    reads = reads + 1
+    if status ~= 200 then return end
+    if fake then
+      owed = owed + acks_per_read
+      for i = 1, math.floor(owed) do acks[i] = "00000000-0000-4000-8000-000000000000" end
+      owed = owed - math.floor(owed)
+    else
+      for id in string.gmatch(body, '"eventId":"([%%x%%-]+)"') do acks[#acks + 1] = id end
+    end
+    if #acks == 0 and role == "consume" then
+      generation, restarts = generation + 1, restarts + 1
+    end
+  end
+end
+if interval > 0 then   -- a fixed rate: each request due interval ms after the one before
+  local ffi = require("ffi")
+  ffi.cdef("typedef struct { long sec; long nsec; } bench_time; int clock_gettime(int, bench_time *);")
+  local clock, due = ffi.new("bench_time"), nil
+  local function now() ffi.C.clock_gettime(1, clock); return tonumber(clock.sec) * 1e3 + tonumber(clock.nsec) / 1e6 end
+  delay = function()
+    local at = now()
+    due = (due and at - due < 9 * interval) and due + interval or at
+    return math.max(0, math.floor(due - at))
+  end
+end
+done = function(summary, latency, requests)
+  local r, e, x = 0, 0, 0
+  for _, thread in ipairs(threads) do
+    r, e, x = r + thread:get("reads"), e + thread:get("events"), x + thread:get("restarts")
+  end
+  io.write(string.format("BENCH reads=%%d events=%%d restarts=%%d\n", r, e, x))
 end
 """
 
 
-def run_wrk(service, role, connections, args, workdir, meter=None):
-    script = os.path.join(workdir, "bench-%s.lua" % role)
-    read_path = "%s?eventName=%s&limit=%d" % (stream_path(READ_STREAM), EVENT_NAME, READ_LIMIT)
+def wrk_command(service, spec, connections, workdir, fake):
+    """A function(seconds) that runs wrk with this role's script and returns its output."""
+    role = spec["role"]
+    script = os.path.join(workdir, "bench-%s-%s.lua" % (role, uuid.uuid4().hex[:8]))
+    stream = spec.get("stream", READ_STREAM)
+    path = read_path(SPREAD_STREAM if role == "spread" else stream,
+                     READ_LIMIT if role in ("repeat-read", "spread") else CONSUME_LIMIT)
+    streams = spec.get("streams") or [publish_stream(i) for i in range(PUBLISH_STREAMS)]
     with open(script, "w") as f:
-        f.write(WRK_LUA % {"auth": service.target["auth"], "role": role, "read_path": read_path,
-                           "streams": ", ".join('"%s"' % publish_stream(i) for i in range(PUBLISH_STREAMS)),
-                           "prefix": ENVELOPE_PREFIX.decode(), "suffix": ENVELOPE_SUFFIX.decode()})
+        f.write(WRK_LUA % {
+            "auth": service.target["auth"], "role": role, "fake": "true" if fake else "false",
+            "streams": ", ".join('"%s"' % s for s in streams), "prefix": ENVELOPE_PREFIX.decode(),
+            "suffix": ENVELOPE_SUFFIX.decode(), "read_path": path, "ack_prefix": stream_path(stream) + "/",
+            "consumer": spec.get("consumer", "bench-wrk-reader"),
+            "spread_consumers": spec.get("consumers", 0),
+            "interval_ms": 1000 * spec["interval"] if spec.get("interval") else 0,
+            "acks_per_read": spec.get("acks_per_read", CONSUME_LIMIT)})
     url = "http://%s:%d/" % (service.target["host"], service.target["port"])
-    threads = min(connections, os.cpu_count() or 1)
+    one_per_thread = role in ("consume", "tail") or spec.get("interval")
+    threads = connections if one_per_thread else min(connections, os.cpu_count() or 1)
 
-    def wrk(seconds):   # wrk takes whole seconds only
-        command = ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % max(1, round(seconds)),
-                   "--latency", "--timeout", "30s", "-s", script, url]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BenchError("wrk exited with code %d: %s" % (done.returncode, done.stderr.strip()[-300:]))
-        return done.stdout
+    def start(seconds):   # wrk takes whole seconds only
+        return subprocess.Popen(["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % max(1, round(seconds)),
+                                 "--latency", "--timeout", "30s", "-s", script, url],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start
+
+
+def run_wrk(service, role_specs, args, workdir, fake, meter=None):
+    """Run one wrk per role at once (tail: consumers and the paced publisher); figures per role."""
+    starters = {role: wrk_command(service, spec, count, workdir, fake) for role, (spec, count) in role_specs.items()}
+
+    def run_all(seconds):
+        running = {role: start(seconds) for role, start in starters.items()}
+        outputs = {}
+        for role, process in running.items():
+            out, err = process.communicate()
+            if process.returncode != 0:
+                raise BenchError("wrk exited with code %d: %s" % (process.returncode, err.strip()[-300:]))
+            outputs[role] = out
+        return outputs
 
     if args.warmup:
-        wrk(args.warmup)
+        run_all(args.warmup)
     if meter:
         meter.start()
-    output = wrk(args.duration)
+    outputs = run_all(args.duration)
     rss_mb, server_cpu = meter.stop() if meter else (None, None)
-    latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", output, re.M))
-    total = re.search(r"(\d+) requests in ([\d.]+)s", output)
-    errors = {}
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    if non_2xx:
-        errors["non-2xx"] = int(non_2xx.group(1))
-    socket_errors = re.search(r"Socket errors: (.*)", output)
-    if socket_errors:
-        errors["socket"] = socket_errors.group(1).strip()
-    requests, seconds = (int(total.group(1)), float(total.group(2))) if total else (0, args.duration)
-    return {"roles": {role: {"requests": requests, "requests_per_s": requests / seconds,
-                             "events_per_s": None, "p50_ms": wrk_ms(latency.get("50")),
-                             "p99_ms": wrk_ms(latency.get("99")), "errors": errors, "error_samples": [],
-                             "consumer_restarts": None}},
-            "peak_rss_mb": rss_mb,
+    roles, total_requests, seconds = {}, 0, args.duration
+    for role, output in outputs.items():
+        latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", output, re.M))
+        total = re.search(r"(\d+) requests in ([\d.]+)(\w+)", output)
+        requests, seconds = (int(total.group(1)), wrk_seconds(total.group(2) + total.group(3))) if total \
+            else (0, args.duration)
+        errors = {}
+        non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+        if non_2xx:
+            errors["non-2xx"] = int(non_2xx.group(1))
+        socket_errors = re.search(r"Socket errors: (.*)", output)
+        if socket_errors:
+            errors["socket"] = socket_errors.group(1).strip()
+        counted = dict((key, int(value)) for key, value in re.findall(r"(reads|events|restarts)=(\d+)", output))
+        counts = {key: value for key, value in counted.items() if value or key == "reads"} \
+            if role_specs[role][0]["role"] in ("consume", "tail") else {}
+        roles[role] = role_figures(requests, seconds, counted.get("events", 0), counts,
+                                   wrk_seconds(latency.get("50")), wrk_seconds(latency.get("99")), errors, [])
+        total_requests += requests
+    return {"roles": roles, "peak_rss_mb": rss_mb, "duration_s": seconds,
             "server_cpu_percent": None if server_cpu is None else 100.0 * server_cpu / seconds,
-            "client_cpu_percent": None, "client_processes": None}
+            "server_cpu_us_per_request": round(1e6 * server_cpu / total_requests, 1)
+            if server_cpu is not None and total_requests else None,
+            "client_cpu_percent": None, "client_processes": None, "after_window": None}
 
 
-def wrk_ms(text):
+def wrk_seconds(text):
     if not text:
         return None
     number, unit = re.match(r"([\d.]+)(\w+)", text).groups()
-    return round(float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit], 3)
+    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
 
 
 # Loading data ################################################################
@@ -889,45 +1205,35 @@ def wrk_ms(text):
 def load_events(target, plan, label):
     """POST the events of `plan` [(stream, count)] in batches of 1000 on a few connections."""
     batches = queue.Queue()
-    total = 0
     for stream, count in plan:
         for first in range(0, count, LOAD_BATCH):
             batches.put((stream, first, min(LOAD_BATCH, count - first)))
-        total += count
+    total = sum(count for _, count in plan)
     progress = {"done": 0, "error": None, "next_report": 0.1}
     lock = threading.Lock()
     began = time.monotonic()
 
     def loader():
-        connection = http.client.HTTPConnection(target["host"], target["port"], timeout=300)
-        try:
-            while progress["error"] is None:
-                try:
-                    stream, first, count = batches.get_nowait()
-                except queue.Empty:
-                    return
-                connection.request("POST", stream_path(stream), body=batch_bytes(first, count), headers={
-                    "Authorization": target["auth"], "Content-Type": "application/json",
-                    "X-Producer-ID": producer_id(stream)})
-                response = connection.getresponse()
-                body = response.read()
-                if response.status != 200:
-                    raise BenchError("loading %s: %d %s" % (stream, response.status, body[:300]))
-                answer = json.loads(body)
-                if not isinstance(answer, list) or len(answer) != count:
-                    raise BenchError("loading %s: batch of %d answered %r" % (stream, count, body[:200]))
-                with lock:
-                    progress["done"] += count
-                    if total >= 100_000 and progress["done"] >= progress["next_report"] * total:
-                        progress["next_report"] += 0.1
-                        elapsed = time.monotonic() - began
-                        print("  %s: %s / %s events, %.0f events/s"
-                              % (label, f"{progress['done']:,}", f"{total:,}", progress["done"] / elapsed),
-                              flush=True)
-        except Exception as error:
-            progress["error"] = error
-        finally:
-            connection.close()
+        with Client(target) as client:
+            try:
+                while progress["error"] is None:
+                    try:
+                        stream, first, count = batches.get_nowait()
+                    except queue.Empty:
+                        return
+                    answer = client.json("POST", stream_path(stream), {"Content-Type": "application/json",
+                                         "X-Producer-ID": producer_id(stream)}, batch_bytes(first, count))
+                    if not isinstance(answer, list) or len(answer) != count:
+                        raise BenchError("loading %s: batch of %d answered %r" % (stream, count, answer))
+                    with lock:
+                        progress["done"] += count
+                        if total >= 100_000 and progress["done"] >= progress["next_report"] * total:
+                            progress["next_report"] += 0.1
+                            print("  %s: %s / %s events, %.0f events/s" % (
+                                label, f"{progress['done']:,}", f"{total:,}",
+                                progress["done"] / (time.monotonic() - began)), flush=True)
+            except Exception as error:
+                progress["error"] = error
 
     threads = [threading.Thread(target=loader) for _ in range(LOAD_CONNECTIONS)]
     for thread in threads:
@@ -943,48 +1249,118 @@ def load_events(target, plan, label):
 
 def scale_plan(events, streams):
     """[(stream, count)]: `events` spread evenly over `streams` streams."""
-    return [(scale_stream(i), events // streams + (1 if i < events % streams else 0))
-            for i in range(streams)]
+    return [(scale_stream(i), events // streams + (1 if i < events % streams else 0)) for i in range(streams)]
+
+
+def event_id(number):
+    """The made-up, time-ordered (UUIDv7-shaped) event ID of a generated event."""
+    return b"01900000-0000-7000-8000-%012x" % number
+
+
+def import_lines(events, consumers):
+    """NDJSON as export writes it, in chunks: one stream of `events` events, then `consumers`
+    offsets at distinct random offsets (seeded: every run builds the same database)."""
+    stream = SPREAD_STREAM.encode()
+    yield b'{"type":"stream","stream":"%s","producerId":"%s","createdAt":"%s"}\n' % (
+        stream, producer_id(SPREAD_STREAM).encode(), FIXED_TIME.encode())
+    line = (b'{"type":"event","stream":"' + stream + b'","eventId":"%s","eventName":"' + EVENT_NAME.encode()
+            + b'","sequence":%d,"createdAt":"' + FIXED_TIME.encode() + b'","envelope":%s}\n')
+    for first in range(1, events + 1, 1000):
+        yield b"".join(line % (event_id(n), n, envelope_bytes(n)) for n in range(first, min(first + 1000, events + 1)))
+    offsets = random.Random(14).sample(range(events - READ_LIMIT), consumers)
+    yield b"".join(b'{"type":"offset","stream":"%s","consumerId":"%s","eventName":"%s","offset":%d,'
+                   b'"movedAt":"%s"}\n' % (stream, spread_consumer(i).encode(), EVENT_NAME.encode(), offset,
+                                           FIXED_TIME.encode()) for i, offset in enumerate(offsets))
+
+
+def import_database(args, db_path):
+    """`eventserver.py import` of the generated spread stream into db_path: seconds and peak RSS."""
+    print("  importing %s events and %s consumer offsets into %s ..." % (
+        f"{args.spread_events:,}", f"{args.spread_consumers:,}", db_path), flush=True)
+    began = time.monotonic()
+    process = subprocess.Popen([sys.executable, args.server, "import", "--db", db_path], stdin=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    problem = None
+    try:
+        for chunk in import_lines(args.spread_events, args.spread_consumers):
+            process.stdin.write(chunk)
+        process.stdin.close()
+    except BrokenPipeError:
+        problem = "the import stopped reading"
+    error = process.stderr.read().decode("utf-8", "replace")
+    _, status, usage = os.wait4(process.pid, 0)   # wait4: this child's own peak RSS
+    process.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+    if problem or process.returncode != 0:
+        raise BenchError("import: %s (exit %s) %s" % (problem or "failed", process.returncode, error.strip()[-300:]))
+    seconds = time.monotonic() - began
+    figures = {"events": args.spread_events, "consumers": args.spread_consumers, "seconds": round(seconds, 1),
+               "events_per_s": round(args.spread_events / seconds), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    print("  ... %.1f s, %s events/s, peak RSS %.1f MB" % (seconds, f"{figures['events_per_s']:,}",
+                                                           figures["peak_rss_mb"]), flush=True)
+    return figures
 
 
 # Scenarios ###################################################################
 
-def scenario_specs(scenario, connections, fake, tag):
+def scenario_specs(scenario, connections, fake, tag, args, stream=None):
     """One spec per connection: its role and what its session needs."""
     if scenario == "mixed":
         roles = ["publish"] * MIXED_PUBLISHERS + ["consume"] * MIXED_CONSUMERS
+    elif scenario == "tail":
+        roles = ["tail"] * connections + ["publish"]
     else:
         roles = [scenario] * connections
     specs, per_role = [], {}
     for role in roles:
         index = per_role.get(role, 0)
         per_role[role] = index + 1
-        specs.append({"role": role, "index": index, "fake": fake,
-                      "consumer": "bench-%s-%s-%d" % (role, tag, index)})
+        spec = {"role": role, "index": index, "fake": fake, "consumer": "bench-%s-%s-%d" % (role, tag, index),
+                "stream": stream or READ_STREAM, "consumers": args.spread_consumers}
+        if scenario == "tail" and role == "publish":
+            spec.update(streams=[stream], interval=1.0 / args.tail_rate)
+        specs.append(spec)
     for spec in specs:
         spec["total"] = per_role[spec["role"]]
-    # Interleave roles so each client process gets a share of both in the mixed scenario.
+    # Interleave roles so each client process gets a share of each in mixed and tail.
     return sorted(specs, key=lambda spec: (spec["index"], spec["role"]))
 
 
 def run_pair(scenario, connections, phase, server, baseline, args, workdir, results):
     """Baseline then server, same client and request shapes, --repeat times; one row per role.
-
     With repeats, each row is the repeat with the median ratio; all ratios go to the JSON."""
-    use_wrk = args.client == "wrk" and scenario in ("publish", "read")
+    use_wrk = args.client == "wrk" and scenario not in ("mixed",)
     repeats = []
+    # tail: the server first, so that the baseline's consumers acknowledge as many events per read
+    order = (("server", server), ("baseline", baseline)) if scenario == "tail" else (
+        ("baseline", baseline), ("server", server))
     for _ in range(args.repeat):
         figures = {}
-        for name, service in (("baseline", baseline), ("server", server)):
+        for name, service in order:
             meter = ProcessMeter(service.pid)
             tag = "%s%d-%s" % (phase, connections, uuid.uuid4().hex[:8])
+            stream = None
+            if scenario == "tail":   # a fresh stream per run, so its consumers start at its end
+                stream = "bench-tail-" + tag
+                publish_one(service.target, stream)
+            specs = scenario_specs(scenario, connections, name == "baseline", tag, args, stream)
+            if name == "baseline" and scenario == "tail":
+                served = figures["server"]["roles"]["tail"]
+                for spec in specs:
+                    spec["acks_per_read"] = served["events_per_s"] / (served["reads_per_s"] or 1)
             if use_wrk:
-                figures[name] = run_wrk(service, scenario, connections, args, workdir, meter)
+                by_role = {}   # role -> (its first spec, connections)
+                for spec in specs:
+                    first, count = by_role.get(spec["role"], (spec, 0))
+                    by_role[spec["role"]] = (first, count + 1)
+                figures[name] = run_wrk(service, by_role, args, workdir, name == "baseline", meter)
             else:
-                specs = scenario_specs(scenario, connections, name == "baseline", tag)
                 figures[name] = run_load(service, specs, args, meter)
+            if scenario == "tail" and name == "server":   # did the consumers keep up?
+                status, body = simple_request(service.target, "GET", "/api/v1/consumers/%s" % stream)
+                figures[name]["behind"] = max((c["behind"] for c in json.loads(body)), default=None) \
+                    if status == 200 else None
         repeats.append(figures)
-    for role in sorted(repeats[0]["server"]["roles"], key=("publish", "read", "consume").index):
+    for role in sorted(repeats[0]["server"]["roles"], key=ROLE_ORDER.index):
         rows = sorted((pair_row(scenario, connections, phase, role, figures, use_wrk) for figures in repeats),
                       key=lambda row: row["ratio"] or 0)
         row = rows[(len(rows) - 1) // 2]
@@ -1004,187 +1380,103 @@ def run_pair(scenario, connections, phase, server, baseline, args, workdir, resu
 def pair_row(scenario, connections, phase, role, figures, use_wrk):
     served = figures["server"]["roles"][role]
     base = figures["baseline"]["roles"].get(role, {})
-    throughput = served["events_per_s"] if role == "consume" else served["requests_per_s"]
+    if role == "consume":   # events/s against the baseline's requests/s of the same mix
+        unit, throughput = "events/s", served["events_per_s"]
+    else:
+        unit, throughput = "requests/s", served["requests_per_s"]
     base_rps = base.get("requests_per_s") or 0
+    if scenario == "spread":   # every spread read answers limit events: offsets stop short of the end
+        served = dict(served, events_per_s=READ_LIMIT * served["requests_per_s"])
+    label = scenario if scenario == role else "%s:%s" % (scenario, role)
     return {
-        "scenario": scenario if scenario != "mixed" else "mixed:" + role,
-        "phase": phase,
-        "connections": connections if scenario != "mixed" else (
-            MIXED_PUBLISHERS if role == "publish" else MIXED_CONSUMERS),
-        "unit": "events/s" if role == "consume" else "requests/s",
-        "server": served,
-        "baseline": base,
+        "scenario": label, "phase": phase,
+        "connections": {"mixed": MIXED_PUBLISHERS if role == "publish" else MIXED_CONSUMERS,
+                        "tail": 1 if role == "publish" else connections}.get(scenario, connections),
+        "unit": unit, "server": served, "baseline": base,
         "ratio": round(throughput / base_rps, 3) if base_rps else None,
         "server_throughput": throughput,
         "peak_rss_mb": figures["server"]["peak_rss_mb"],
         "server_cpu_percent": figures["server"]["server_cpu_percent"],
+        "server_cpu_us_per_request": figures["server"]["server_cpu_us_per_request"],
         "client_cpu_percent": figures["server"]["client_cpu_percent"],
         "baseline_cpu_percent": figures["baseline"]["server_cpu_percent"],
-        "baseline_client_cpu_percent": figures["baseline"]["client_cpu_percent"],
+        "baseline_cpu_us_per_request": figures["baseline"]["server_cpu_us_per_request"],
         "client_processes": figures["server"]["client_processes"],
+        "behind": figures["server"].get("behind") if role == "tail" else None,
         "client": "wrk" if use_wrk else "stdlib",
     }
 
 
-# Long-poll waiters ###########################################################
-# The waiters scenario: publish throughput with and without long-poll reads
-# held open. The waiters live in their own process, driven over a pipe:
-# ("hold", name) connects and sends the reads, ("release",) stops re-reading,
-# waits for the answers the releasing events cause, disconnects and reports.
-
-class WaiterConnection(ClientConnection):
-    """A keep-alive socket that sends one long-poll read again and again (no session)."""
-
-    def __init__(self, target, request):
-        self.target = target
-        self.request = request
-        self.connect()
-
-
-def waiter_requests(target, count, event_name):
-    """The read each waiter sends: spread over the publish streams, one consumer ID each."""
-    requests = []
-    for index in range(count):
-        path = "%s?eventName=%s&limit=1&wait=%d" % (stream_path(publish_stream(index % PUBLISH_STREAMS)),
-                                                    urllib.parse.quote(event_name, safe=""), WAITERS_WAIT)
-        requests.append(http_request(target, "GET", path, {"X-Consumer-ID": "bench-waiter-%03d" % index}))
-    return requests
-
-
-def waiter_worker(target, count, pipe):
-    """The waiters' process: obeys hold / release / stop on the pipe."""
+def run_spread(args, workdir, baseline, user, password, results, problems, memory):
+    """Import the spread stream, serve it from a second server, run spread, and, for memory,
+    the RSS after --memory-consumers distinct consumers."""
+    db_path = os.path.abspath(args.spread_db) if args.spread_db else os.path.join(workdir, "spread.db")
+    if not os.path.exists(db_path):
+        memory["import"] = import_database(args, db_path)
+    server = start_server(args, db_path, workdir, user, password, "spread-server")
     try:
-        while True:
-            command = pipe.recv()
-            if command[0] == "stop":
-                return
-            if command[0] == "hold":
-                pipe.send(("released", hold_waiters(target, count, command[1], pipe)))
-    except (EOFError, KeyboardInterrupt):
-        return
-
-
-def hold_waiters(target, count, event_name, pipe):
-    """Connect `count` waiters and keep their reads waiting until told to release; their figures."""
-    stats = {"connected": 0, "reads": 0, "timed_out": 0, "early": 0, "released": 0, "unanswered": 0,
-             "errors": {}, "samples": [], "shortest_wait_s": None}
-
-    def error(kind, detail):
-        stats["errors"][kind] = stats["errors"].get(kind, 0) + 1
-        if len(stats["samples"]) < 5:
-            stats["samples"].append("%s: %s" % (kind, detail[:300]))
-
-    selector = selectors.DefaultSelector()
-    connections = []
-    try:
-        for request in waiter_requests(target, count, event_name):
-            try:
-                connection = WaiterConnection(target, request)
-            except OSError as failure:
-                error("connect", repr(failure))
-                continue
-            connections.append(connection)
-            selector.register(connection.sock, selectors.EVENT_READ, connection)
-            connection.send(time.monotonic())
-            stats["reads"] += 1
-        stats["connected"] = len(connections)
-        pipe.send(("held", stats["connected"]))
-        selector.register(pipe.fileno(), selectors.EVENT_READ, None)
-        pending = set(connections)
-        release_deadline = None
-        while pending:
-            timeout = 1.0 if release_deadline is None else release_deadline - time.monotonic()
-            if release_deadline is not None and timeout <= 0:
-                break
-            for key, _ in selector.select(timeout):
-                connection = key.data
-                if connection is None:   # the pipe: release
-                    pipe.recv()
-                    selector.unregister(pipe.fileno())
-                    release_deadline = time.monotonic() + 15.0
-                    continue
-                try:
-                    data = connection.sock.recv(65536)
-                    if not data:
-                        raise ConnectionError("server closed the connection")
-                    answer = connection.take_answer(data)
-                except (OSError, ValueError) as failure:
-                    error("connection", repr(failure))
-                    selector.unregister(connection.sock)
-                    pending.discard(connection)
-                    continue
-                if answer is None:
-                    continue
-                status, body, close_after = answer
-                waited = time.monotonic() - connection.sent_at
-                if status != 200:
-                    error(str(status), body.decode("utf-8", "replace"))
-                    selector.unregister(connection.sock)
-                    pending.discard(connection)   # not read again: an error must not become a busy loop
-                    continue
-                if body.strip() != b"[]":
-                    stats["released"] += 1
-                    if release_deadline is None:
-                        error("event", "an event arrived before the release: %s" % body[:200])
-                    selector.unregister(connection.sock)
-                    pending.discard(connection)
-                    continue
-                if stats["shortest_wait_s"] is None or waited < stats["shortest_wait_s"]:
-                    stats["shortest_wait_s"] = round(waited, 3)
-                if waited >= WAITERS_WAIT - 1:
-                    stats["timed_out"] += 1
-                else:
-                    stats["early"] += 1
-                if release_deadline is not None:
-                    selector.unregister(connection.sock)
-                    pending.discard(connection)
-                    continue
-                if close_after:
-                    selector.unregister(connection.sock)
-                    connection.sock.close()
-                    connection.connect()
-                    selector.register(connection.sock, selectors.EVENT_READ, connection)
-                connection.send(time.monotonic())
-                stats["reads"] += 1
-        stats["unanswered"] = len(pending)
+        memory["spread_server_start_rss_mb"] = round((proc_status(server.pid, "VmHWM") or 0) / 1024, 1)
+        print("  spread server: %s (pid %d), peak RSS %.1f MB after start" % (
+            server.banner, server.pid, memory["spread_server_start_rss_mb"]), flush=True)
+        if "spread" in args.scenarios:
+            for connections in args.connections:
+                run_pair("spread", connections, "base", server, baseline, args, workdir, results)
+        if "memory" in args.scenarios:
+            print("  %s distinct consumers read and acknowledge one event each ..." % (
+                f"{args.memory_consumers:,}"), flush=True)
+            specs = [{"role": "newcomer", "index": i, "total": 8, "stream": SPREAD_STREAM,
+                      "consumers": args.memory_consumers} for i in range(8)]
+            meter = ProcessMeter(server.pid)
+            figures = run_load(server, specs, argparse.Namespace(**dict(vars(args), warmup=0)), meter,
+                               duration=math.inf)
+            done = figures["roles"]["newcomer"]
+            memory["consumers"] = {
+                "consumers": done["counts"].get("consumers", 0), "seconds": round(figures["duration_s"], 1),
+                "requests_per_s": round(done["requests_per_s"]), "errors": done["errors"],
+                "peak_rss_mb": round(figures["peak_rss_mb"], 1),
+                "rss_after_mb": round((proc_status(server.pid, "VmRSS") or 0) / 1024, 1)}
+            print("  ... %s consumers in %.1f s; server RSS peak %.1f MB, %.1f MB after" % (
+                f"{memory['consumers']['consumers']:,}", figures["duration_s"], memory["consumers"]["peak_rss_mb"],
+                memory["consumers"]["rss_after_mb"]), flush=True)
     finally:
-        for connection in connections:
-            connection.sock.close()
-        selector.close()
-    return stats
+        server.stop()
+        problems.extend(server.problems())
 
 
-def thread_count(pid):
-    """The process's threads (the server runs one per connection), from /proc."""
+def run_fixtures_memory(args, workdir, user, password, memory):
+    """The server's peak RSS while --fixtures loads --spread-events events at start."""
+    path = os.path.join(workdir, "fixtures.ndjson")
+    with open(path, "wb") as f:
+        head = b'{"stream":"%s","producerId":"%s","envelope":' % (
+            SPREAD_STREAM.encode(), producer_id(SPREAD_STREAM).encode())
+        for first in range(0, args.spread_events, 1000):
+            f.write(b"".join(head + envelope_bytes(n) + b"}\n"
+                             for n in range(first, min(first + 1000, args.spread_events))))
+    print("  starting a server with --fixtures of %s events (%.0f MB) ..." % (
+        f"{args.spread_events:,}", os.path.getsize(path) / 1e6), flush=True)
+    server = start_server(args, os.path.join(workdir, "fixtures.db"), workdir, user, password, "fixtures-server",
+                          ["--fixtures", path], timeout=1800)
     try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+        memory["fixtures"] = {"events": args.spread_events, "seconds": round(server.listening_s, 1),
+                              "peak_rss_mb": round((proc_status(server.pid, "VmHWM") or 0) / 1024, 1),
+                              "rss_after_mb": round((proc_status(server.pid, "VmRSS") or 0) / 1024, 1)}
+    finally:
+        server.stop()
+        os.remove(path)
+    print("  ... listening after %.1f s; peak RSS %.1f MB, %.1f MB once loaded" % (
+        server.listening_s, memory["fixtures"]["peak_rss_mb"], memory["fixtures"]["rss_after_mb"]), flush=True)
+    return server.problems()
 
 
-def settle_threads(pid, wanted, timeout=10.0):
-    """Wait until wanted(thread count) holds; the last count seen and whether it held."""
-    deadline = time.monotonic() + timeout
-    while True:
-        count = thread_count(pid)
-        if count is None or wanted(count):
-            return count, True
-        if time.monotonic() > deadline:
-            return count, False
-        time.sleep(0.05)
-
+# Long-poll waiters ###########################################################
 
 def steady_threads(pid, timeout=5.0):
     """The thread count once it has stayed the same for 0.5 s (threads of closed connections gone)."""
     deadline = time.monotonic() + timeout
-    last, since = thread_count(pid), time.monotonic()
+    last, since = proc_status(pid, "Threads"), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.1)
-        count = thread_count(pid)
+        count = proc_status(pid, "Threads")
         if count != last:
             last, since = count, time.monotonic()
         elif time.monotonic() - since >= 0.5:
@@ -1192,114 +1484,88 @@ def steady_threads(pid, timeout=5.0):
     return last
 
 
-def publish_one(target, stream, event_name):
-    """POST one envelope with this event name to the stream, as its owner."""
-    envelope = json.loads(envelope_bytes(0))
-    envelope["event"]["name"] = event_name
-    status, body = simple_request(target, "POST", stream_path(stream), {
-        "Content-Type": "application/json", "X-Producer-ID": producer_id(stream)},
-        json.dumps(envelope).encode())
-    if status != 200:
-        raise BenchError("publishing %s to %s: %d %s" % (event_name, stream, status, body[:300]))
+def settle_threads(pid, wanted, timeout=10.0):
+    """Wait until wanted(thread count) holds; the last count seen and whether it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = proc_status(pid, "Threads")
+        if count is None or wanted(count):
+            return count, True
+        if time.monotonic() > deadline:
+            return count, False
+        time.sleep(0.05)
 
 
 def run_waiters(server, args, problems):
     """Publish at WAITERS_PUBLISHERS connections, alternately without and with args.waiters long
-    polls waiting, args.waiter_rounds rounds; the summary (also printed row by row)."""
+    polls waiting, args.waiter_rounds rounds; the summary (also printed round by round)."""
     for index in range(PUBLISH_STREAMS):   # the waiters' streams must exist, else their reads are 404s
-        publish_one(server.target, publish_stream(index), EVENT_NAME)
+        publish_one(server.target, publish_stream(index))
     idle = steady_threads(server.pid)
-    context = multiprocessing.get_context("fork")
-    pipe, child_pipe = context.Pipe()
-    worker = context.Process(target=waiter_worker, args=(server.target, args.waiters, child_pipe),
-                             daemon=True)
-    worker.start()
     run_id = uuid.uuid4().hex[:8]
     runs = []
-
-    def receive(what, timeout=60.0):
-        if not pipe.poll(timeout):
-            raise BenchError("the waiters' process did not answer %s within %.0f s" % (what, timeout))
-        return pipe.recv()
 
     def one_run(round_number, with_waiters):
         threads, settled = settle_threads(server.pid, lambda count: count <= idle)
         if not settled:
             problems.append("waiters round %d: server threads %s before the run, %s when idle"
                             % (round_number, threads, idle))
-        held = None
+        name = "%s-%s-%d" % (WAITERS_NAME, run_id, round_number)
+        specs = scenario_specs("publish", WAITERS_PUBLISHERS, False, "waiters%d-%s" % (round_number, run_id), args)
         if with_waiters:
-            name = "%s-%s-%d" % (WAITERS_NAME, run_id, round_number)
-            pipe.send(("hold", name))
-            reply = receive("hold")
-            if reply[0] != "held":
-                raise BenchError("waiters: %r" % (reply,))
-            threads, settled = settle_threads(server.pid, lambda count: count >= idle + reply[1])
-            if not settled or reply[1] < args.waiters:
-                problems.append("waiters round %d: %d of %d waiters connected, server threads %s (idle %s)"
-                                % (round_number, reply[1], args.waiters, threads, idle))
-            threads_before = threads
-        else:
-            threads_before = thread_count(server.pid)
-        meter = ProcessMeter(server.pid)
-        specs = scenario_specs("publish", WAITERS_PUBLISHERS, False, "waiters%d-%s" % (round_number, run_id))
-        figures = run_load(server, specs, args, meter)
-        threads_after = thread_count(server.pid)
-        if with_waiters:
-            pipe.send(("release",))
+            specs += [{"role": "waiter", "index": i, "name": name, "linger": True} for i in range(args.waiters)]
+
+        def release():   # the threads while held, then one event of that name per stream
+            held = proc_status(server.pid, "Threads")
             for index in range(min(args.waiters, PUBLISH_STREAMS)):
                 publish_one(server.target, publish_stream(index), name)
-            reply = receive("release")
-            held = reply[1]
-            if held["errors"] or held["early"] or held["unanswered"]:
-                problems.append("waiters round %d: %s" % (round_number, {
-                    key: held[key] for key in ("connected", "early", "unanswered", "errors", "samples")}))
+            return held
+
+        figures = run_load(server, specs, args, ProcessMeter(server.pid), release if with_waiters else None)
         served = figures["roles"]["publish"]
+        held = None
+        if with_waiters:
+            waiter = figures["roles"].get("waiter", role_figures(0, 1, 0, {}, None, None, {}, []))
+            held = dict(waiter["counts"], errors=waiter["errors"], samples=waiter["error_samples"],
+                        threads_held=figures["after_window"])
+            held["unanswered"] = args.waiters - held.get("released", 0)
+            if (figures["after_window"] or 0) < idle + args.waiters:
+                problems.append("waiters round %d: server threads %s with %d waiters held (idle %s)"
+                                % (round_number, figures["after_window"], args.waiters, idle))
+            if held["errors"] or held.get("early") or held["unanswered"]:
+                problems.append("waiters round %d: %s" % (round_number, held))
         run = {"round": round_number, "waiters": args.waiters if with_waiters else 0,
                "requests_per_s": round(served["requests_per_s"], 1), "p50_ms": served["p50_ms"],
                "p99_ms": served["p99_ms"], "errors": served["errors"], "error_samples": served["error_samples"],
-               "server_cpu_percent": figures["server_cpu_percent"],
-               "client_cpu_percent": figures["client_cpu_percent"], "peak_rss_mb": figures["peak_rss_mb"],
-               "server_threads": [threads_before, threads_after], "waiter_stats": held}
+               "server_cpu_percent": figures["server_cpu_percent"], "client_cpu_percent": figures["client_cpu_percent"],
+               "peak_rss_mb": figures["peak_rss_mb"], "waiter_stats": held}
         if served["errors"]:
             problems.append("waiters round %d (%s): server errors %s" % (
                 round_number, "with" if with_waiters else "alone", served["errors"]))
         runs.append(run)
         return run
 
-    try:
-        for round_number in range(1, args.waiter_rounds + 1):
-            order = (False, True) if round_number % 2 else (True, False)
-            done = {with_waiters: one_run(round_number, with_waiters) for with_waiters in order}
-            alone, held = done[False], done[True]
-            print("  waiters round %d/%d: alone %s/s (p99 %s ms, CPU %s%%, %s threads) | with %d waiting "
-                  "%s/s (p99 %s ms, CPU %s%%, %s threads) %+.1f%%" % (
-                      round_number, args.waiter_rounds, fmt_int(alone["requests_per_s"]),
-                      fmt(alone["p99_ms"], 1), fmt(alone["server_cpu_percent"], 0),
-                      alone["server_threads"][0], args.waiters, fmt_int(held["requests_per_s"]),
-                      fmt(held["p99_ms"], 1), fmt(held["server_cpu_percent"], 0), held["server_threads"][0],
-                      change_percent(alone["requests_per_s"], held["requests_per_s"])), flush=True)
-        pipe.send(("stop",))
-        worker.join(5)
-    finally:
-        if worker.is_alive():
-            worker.terminate()
-            worker.join(5)
+    for round_number in range(1, args.waiter_rounds + 1):
+        order = (False, True) if round_number % 2 else (True, False)
+        done = {with_waiters: one_run(round_number, with_waiters) for with_waiters in order}
+        alone, held = done[False], done[True]
+        print("  waiters round %d/%d: alone %s/s (p99 %s ms, CPU %s%%) | with %d waiting %s/s (p99 %s ms, "
+              "CPU %s%%, %s threads) %+.1f%%" % (
+                  round_number, args.waiter_rounds, fmt_int(alone["requests_per_s"]), fmt(alone["p99_ms"], 1),
+                  fmt(alone["server_cpu_percent"], 0), args.waiters, fmt_int(held["requests_per_s"]),
+                  fmt(held["p99_ms"], 1), fmt(held["server_cpu_percent"], 0), held["waiter_stats"]["threads_held"],
+                  change_percent(alone["requests_per_s"], held["requests_per_s"])), flush=True)
     alone = [run for run in runs if not run["waiters"]]
     held = [run for run in runs if run["waiters"]]
     alone_rps = statistics.median(run["requests_per_s"] for run in alone)
     held_rps = statistics.median(run["requests_per_s"] for run in held)
-    return {"publish_connections": WAITERS_PUBLISHERS, "waiters": args.waiters, "wait_s": WAITERS_WAIT,
-            "rounds": args.waiter_rounds, "idle_server_threads": idle,
-            "alone_requests_per_s": round(alone_rps, 1), "with_requests_per_s": round(held_rps, 1),
-            "change_percent": round(change_percent(alone_rps, held_rps), 3),
-            "round_changes_percent": [round(change_percent(a["requests_per_s"], h["requests_per_s"]), 3)
-                                      for a, h in zip(alone, held)],
-            "alone_p99_ms": statistics.median(run["p99_ms"] for run in alone),
-            "with_p99_ms": statistics.median(run["p99_ms"] for run in held),
-            "alone_server_cpu_percent": statistics.median(run["server_cpu_percent"] for run in alone),
-            "with_server_cpu_percent": statistics.median(run["server_cpu_percent"] for run in held),
-            "runs": runs}
+    medians = {"%s_%s" % (which, key): statistics.median(run[key] for run in group)
+               for which, group in (("alone", alone), ("with", held)) for key in ("p99_ms", "server_cpu_percent")}
+    return dict(medians, publish_connections=WAITERS_PUBLISHERS, waiters=args.waiters, wait_s=WAITERS_WAIT,
+                rounds=args.waiter_rounds, idle_server_threads=idle, alone_requests_per_s=round(alone_rps, 1),
+                with_requests_per_s=round(held_rps, 1), change_percent=round(change_percent(alone_rps, held_rps), 3),
+                round_changes_percent=[round(change_percent(a["requests_per_s"], h["requests_per_s"]), 3)
+                                       for a, h in zip(alone, held)], runs=runs)
 
 
 def change_percent(before, after):
@@ -1336,8 +1602,16 @@ def print_row(row):
         notes.append("baseline errors %d" % sum(v for v in base["errors"].values() if isinstance(v, int)))
     if row["unit"] == "events/s":
         notes.append("events/s")
-    if served.get("consumer_restarts"):
-        notes.append("ran dry %dx" % served["consumer_restarts"])
+    if served["counts"].get("restarts") and row["scenario"] != "tail":
+        notes.append("ran dry %dx" % served["counts"]["restarts"])
+    if row["scenario"] in ("tail", "spread"):
+        notes.append("reads %s/s, events %s/s" % (fmt_int(served["reads_per_s"] or served["requests_per_s"]),
+                                                   fmt_int(served["events_per_s"] or
+                                                           READ_LIMIT * served["requests_per_s"])))
+    if row["behind"] is not None:
+        notes.append("behind %d" % row["behind"])
+    if row["server_cpu_us_per_request"]:
+        notes.append("%.0f us/req" % row["server_cpu_us_per_request"])
     label = row["scenario"] + ("@scale" if row["phase"] == "scale" else "")
     print("%-16s %5d | %9s %8s %8s %7s %5s | %9s %8s %8s | %6s  %s" % (
         label, row["connections"], fmt_int(row["server_throughput"]), fmt(served["p50_ms"], 2),
@@ -1370,42 +1644,68 @@ def print_table(results):
         for row in scaled:
             before = base.get((row["scenario"], row["connections"]))
             if before and before["server_throughput"]:
-                change = 100.0 * (row["server_throughput"] / before["server_throughput"] - 1)
-                print("  %-8s %3d conns: %9s -> %9s /s (%+.1f%%), ratio %s -> %s" % (
+                print("  %-11s %3d conns: %9s -> %9s /s (%+.1f%%), ratio %s -> %s" % (
                     row["scenario"], row["connections"], fmt_int(before["server_throughput"]),
-                    fmt_int(row["server_throughput"]), change, fmt(before["ratio"], 2),
-                    fmt(row["ratio"], 2)))
+                    fmt_int(row["server_throughput"]),
+                    change_percent(before["server_throughput"], row["server_throughput"]),
+                    fmt(before["ratio"], 2), fmt(row["ratio"], 2)))
+
+
+def print_memory(memory):
+    lines = []
+    if "fixtures" in memory:
+        lines.append("--fixtures of %s events: peak RSS %.1f MB (%.1f MB once loaded), %.1f s" % (
+            f"{memory['fixtures']['events']:,}", memory["fixtures"]["peak_rss_mb"],
+            memory["fixtures"]["rss_after_mb"], memory["fixtures"]["seconds"]))
+    if "import" in memory:
+        lines.append("import of %s events: peak RSS %.1f MB, %.1f s" % (
+            f"{memory['import']['events']:,}", memory["import"]["peak_rss_mb"], memory["import"]["seconds"]))
+    if "consumers" in memory:
+        lines.append("%s distinct consumers (read + ACK each): server peak RSS %.1f MB, %.1f MB after" % (
+            f"{memory['consumers']['consumers']:,}", memory["consumers"]["peak_rss_mb"],
+            memory["consumers"]["rss_after_mb"]))
+    if lines:
+        print()
+        print("Memory")
+        for line in lines:
+            print("  " + line)
 
 
 def machine_info():
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), "")
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
     return {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "cpu": model, "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
-            "platform": platform.platform(), "wrk": shutil.which("wrk") is not None}
+            "platform": platform.platform(), "wrk": shutil.which("wrk") is not None,
+            "load_average": os.getloadavg()}
 
 
 def print_header(args, machine):
     print("command: %s" % shlex.join([sys.executable, sys.argv[0]] + sys.argv[1:]))
-    print("machine: nproc %s, %s, Python %s, SQLite %s, %s" % (
+    print("machine: nproc %s, %s, Python %s, SQLite %s, %s, load %.2f" % (
         machine["nproc"], machine["cpu"] or "unknown CPU", machine["python"], machine["sqlite"],
-        machine["platform"]))
+        machine["platform"], machine["load_average"][0]))
     if args.endpoints is not None:
-        print("run:     --endpoints %s, %d requests per endpoint, --sync %s"
-              % (args.endpoints, args.requests, args.sync))
+        print("run:     --endpoints %s, %d requests per endpoint, --sync %s" % (args.endpoints, args.requests,
+                                                                            args.sync))
     elif args.build_db is None:
-        scale = (", --scale %s events in %d streams" % (f"{args.scale_events:,}", args.scale_streams)
-                 if args.scale else "")
-        print("run:     --sync %s, %g s per run after %g s warm-up, x%d, connections %s, scenarios %s, "
-              "client %s%s" % (args.sync, args.duration, args.warmup, args.repeat,
-                               ",".join(map(str, args.connections)), ",".join(args.scenarios), args.client,
-                               scale))
+        scale = ", --scale %s events in %d streams" % (f"{args.events:,}", args.streams) if args.scale else ""
+        print("run:     %s, --sync %s, %g s per run after %g s warm-up, x%d, connections %s, scenarios %s, "
+              "client %s%s" % (args.server, args.sync, args.duration, args.warmup, args.repeat,
+                               ",".join(map(str, args.connections)), ",".join(args.scenarios), args.client, scale))
     print(flush=True)
+
+
+def write_json(path, document):
+    document = dict({"version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "command": [sys.executable, sys.argv[0]] + sys.argv[1:]}, **document)
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1)
+    print("\nfigures written to %s" % path)
 
 
 # Endpoints ###################################################################
@@ -1417,50 +1717,6 @@ ENDPOINT_SLOW_REQUESTS = 5       # ... is timed this many times at most
 ENDPOINT_CONSUMERS = 3           # consumer offsets created when the stream has none
 
 
-class KeepAliveClient:
-    """One http.client connection reused for every request; (status, body, seconds)."""
-
-    def __init__(self, target):
-        self.target = target
-        self.connection = None
-
-    def request(self, method, path, headers=None):
-        all_headers = {"Authorization": self.target["auth"]}
-        all_headers.update(headers or {})
-        for attempt in (1, 2):
-            if self.connection is None:
-                self.connection = http.client.HTTPConnection(self.target["host"], self.target["port"],
-                                                             timeout=300)
-                self.connection.connect()
-                self.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            began = time.perf_counter()
-            try:
-                self.connection.request(method, path, body=b"" if method == "POST" else None,
-                                        headers=all_headers)
-                response = self.connection.getresponse()
-                body = response.read()
-            except (http.client.HTTPException, OSError) as error:
-                self.close()
-                if attempt == 2:
-                    raise BenchError("%s %s: %r" % (method, path, error)) from None
-                continue   # the server closed an idle connection: one retry on a new one
-            seconds = time.perf_counter() - began
-            if response.will_close:
-                self.close()
-            return response.status, body, seconds
-
-    def json(self, method, path, headers=None):
-        status, body, _ = self.request(method, path, headers)
-        if status != 200:
-            raise BenchError("%s %s: %d %s" % (method, path, status, body[:300].decode("utf-8", "replace")))
-        return json.loads(body)
-
-    def close(self):
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-
-
 def endpoint_plan(client, event_name):
     """[(label, method, path, headers)] with real names from the database, and what was found and done."""
     streams = client.json("GET", "/api/v1/streams")
@@ -1470,8 +1726,7 @@ def endpoint_plan(client, event_name):
     name = stream["streamName"]
     quoted = urllib.parse.quote(name, safe="")
     probe = {"X-Consumer-ID": "bench-endpoints-reader"}   # reads do not store an offset
-    read_path = "%s?eventName=%s&limit=%%d" % (stream_path(name), urllib.parse.quote(event_name, safe=""))
-    first = client.json("GET", read_path % 1, probe)
+    first = client.json("GET", read_path(name, 1, event_name), probe)
     if not first:
         raise BenchError("stream %s has no %s events for a new consumer (choose one with --event-name)"
                          % (name, event_name))
@@ -1492,6 +1747,7 @@ def endpoint_plan(client, event_name):
         consumers = client.json("GET", "/api/v1/consumers/%s" % quoted)
     seek = consumers[0]
     no_match = "nomatch-" + uuid.uuid4().hex[:12]
+    quoted_name = urllib.parse.quote(event_name, safe="")
     plan = [
         ("health", "GET", "/api/v1/health", None),
         ("metrics", "GET", "/api/v1/metrics", None),
@@ -1500,7 +1756,7 @@ def endpoint_plan(client, event_name):
         ("stats/stream-data", "GET", "/api/v1/stats/stream-data", None),
         ("stats/events-current-month", "GET", "/api/v1/stats/events-current-month", None),
         ("streams", "GET", "/api/v1/streams", None),
-        ("search event name", "GET", "/api/v1/search?_q=%s" % urllib.parse.quote(event_name, safe=""), None),
+        ("search event name", "GET", "/api/v1/search?_q=%s" % quoted_name, None),
         ("search no match", "GET", "/api/v1/search?_q=%s" % no_match, None),
         ("search event ID", "GET", "/api/v1/search?_q=%s" % event_id, None),
         ("event-period-search 1month", "GET", "/api/v1/event-period-search/%s?period=1month" % quoted, None),
@@ -1508,60 +1764,50 @@ def endpoint_plan(client, event_name):
         ("change offset (seek)", "POST", "/api/v1/%s/%s/%s/change/%d" % (
             quoted, urllib.parse.quote(seek["consumerId"], safe=""),
             urllib.parse.quote(seek["eventName"], safe=""), seek["offset"]), None),
-        ("read limit=10", "GET", read_path % READ_LIMIT, probe),
+        ("read limit=10", "GET", read_path(name, READ_LIMIT, event_name), probe),
     ]
     found = {"stream": name, "stream_events": stream["eventsCount"], "streams": len(streams),
              "event_name": event_name, "event_id": event_id, "no_match_term": no_match,
              "consumers": len(consumers), "consumers_created": created,
-             "seek": {"consumerId": seek["consumerId"], "eventName": seek["eventName"],
-                      "offset": seek["offset"]}}
+             "seek": {key: seek[key] for key in ("consumerId", "eventName", "offset")}}
     return plan, found
 
 
 def run_endpoints(args, machine):
     """--endpoints DB: time each endpoint, taking turns, on an existing database."""
     user, password = "bench", uuid.uuid4().hex
-    rows, problems, found = [], [], {}
+    rows, problems = [], []
     with tempfile.TemporaryDirectory(prefix="bench-eventserver-") as workdir:
         server = start_server(args, os.path.abspath(args.endpoints), workdir, user, password)
-        client = KeepAliveClient(server.target)
         meter = ProcessMeter(server.pid)
         meter.start()
         try:
-            print("server: %s (pid %d)" % (server.banner, server.pid), flush=True)
-            plan, found = endpoint_plan(client, args.event_name)
-            print("stream %s (%s events, of %d streams), event name %s, event ID %s, %d consumer(s)%s"
-                  % (found["stream"], f"{found['stream_events']:,}", found["streams"], found["event_name"],
-                     found["event_id"], found["consumers"],
-                     ", %d created by seeks" % len(found["consumers_created"])
-                     if found["consumers_created"] else ""), flush=True)
-            timings = {label: [] for label, *_ in plan}
-            wanted, answers = {}, {}
-            for label, method, path, headers in plan:   # one untimed request each: warms caches
-                status, body, seconds = client.request(method, path, headers)
-                answers[label] = (status, len(body))
-                wanted[label] = ENDPOINT_SLOW_REQUESTS if seconds > ENDPOINT_SLOW_S else args.requests
-                wanted[label] = min(wanted[label], args.requests)
-                if status != 200:
-                    problems.append("%s: %d %s" % (label, status, body[:200].decode("utf-8", "replace")))
-            for turn in range(args.requests):
-                for label, method, path, headers in plan:
-                    if turn < wanted[label]:
+            with Client(server.target) as client:
+                print("server: %s (pid %d)" % (server.banner, server.pid), flush=True)
+                plan, found = endpoint_plan(client, args.event_name)
+                print("stream %s (%s events, of %d streams), event name %s, event ID %s, %d consumer(s)%s" % (
+                    found["stream"], f"{found['stream_events']:,}", found["streams"], found["event_name"],
+                    found["event_id"], found["consumers"], ", %d created by seeks" % len(found["consumers_created"])
+                    if found["consumers_created"] else ""), flush=True)
+                timings = {label: [] for label, *_ in plan}
+                wanted, answers = {}, {}
+                for turn in range(-1, args.requests):   # turn -1: one untimed request each, warms caches
+                    for label, method, path, headers in plan:
+                        if turn >= 0 and turn >= wanted[label]:
+                            continue
                         status, body, seconds = client.request(method, path, headers)
-                        timings[label].append(seconds)
                         answers[label] = (status, len(body))
+                        if turn < 0:
+                            wanted[label] = min(args.requests, ENDPOINT_SLOW_REQUESTS if seconds > ENDPOINT_SLOW_S
+                                                else args.requests)
+                        else:
+                            timings[label].append(seconds)
                         if status != 200:
-                            problems.append("%s: %d %s" % (label, status,
-                                                           body[:200].decode("utf-8", "replace")))
+                            problems.append("%s: %d %s" % (label, status, body[:200].decode("utf-8", "replace")))
             rss_mb, cpu = meter.stop()
         finally:
-            client.close()
             server.stop()
-            if server.exit_note:
-                problems.append("server %s" % server.exit_note)
-            if server.tracebacks():
-                problems.append("server logged %d traceback(s); last lines: %s" % (
-                    server.tracebacks(), server.stderr_tail(8)))
+            problems.extend(server.problems())
     health = statistics.median(timings["health"])
     print()
     print("One request at a time on one keep-alive connection; ms of wall time at the client;")
@@ -1574,9 +1820,8 @@ def run_endpoints(args, machine):
         values = sorted(timings[label])
         median = statistics.median(values)
         row = {"endpoint": label, "method": method, "path": path, "requests": len(values),
-               "median_ms": ms(median), "p90_ms": ms(percentile(values, 0.90)),
-               "min_ms": ms(values[0]), "max_ms": ms(values[-1]),
-               "ratio_to_health": round(median / health, 1) if health else None,
+               "median_ms": ms(median), "p90_ms": ms(percentile(values, 0.90)), "min_ms": ms(values[0]),
+               "max_ms": ms(values[-1]), "ratio_to_health": round(median / health, 1) if health else None,
                "status": answers[label][0], "bytes": answers[label][1]}
         rows.append(row)
         shown = "%s %s" % (method, path)
@@ -1588,24 +1833,19 @@ def run_endpoints(args, machine):
     for problem in problems:
         print("PROBLEM: %s" % problem)
     if args.json:
-        document = {"version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "command": [sys.executable, sys.argv[0]] + sys.argv[1:], "machine": machine,
-                    "config": {"database": os.path.abspath(args.endpoints), "requests": args.requests,
-                               "sync": args.sync},
-                    "server": server.banner, "found": found, "peak_rss_mb": round(rss_mb, 1),
-                    "server_cpu_s": round(cpu, 2), "results": rows, "problems": problems}
-        with open(args.json, "w") as f:
-            json.dump(document, f, indent=1)
-        print("\nfigures written to %s" % args.json)
+        write_json(args.json, {"machine": machine, "config": {"database": os.path.abspath(args.endpoints),
+                                                              "requests": args.requests, "sync": args.sync},
+                               "server": server.banner, "found": found, "peak_rss_mb": round(rss_mb, 1),
+                               "server_cpu_s": round(cpu, 2), "results": rows, "problems": problems})
     return 1 if problems else 0
 
 
 # Command line ################################################################
 
-def start_server(args, db_path, workdir, user, password):
+def start_server(args, db_path, workdir, user, password, name="eventserver", extra=(), timeout=30.0):
     argv = [sys.executable, args.server, "--port", "0", "--db", db_path, "--user", user,
-            "--password", password, "--sync", args.sync, "--quiet"]
-    server = Service("eventserver", argv, workdir, user, password)
+            "--password", password, "--sync", args.sync, "--quiet", *extra]
+    server = Service(name, argv, workdir, user, password, timeout)
     server.wait_healthy()
     return server
 
@@ -1631,7 +1871,8 @@ def build_database(args):
 
 def run_benchmark(args, machine):
     user, password = "bench", uuid.uuid4().hex
-    results, loads, problems, waiters = [], {}, [], None
+    results, loads, problems, waiters, memory = [], {}, [], None, {}
+    wanted = set(args.scenarios)
     with tempfile.TemporaryDirectory(prefix="bench-eventserver-") as workdir:
         baseline = Service("baseline", [sys.executable, os.path.abspath(__file__), "--baseline-server",
                                         "--user", user, "--password", password], workdir, user, password)
@@ -1641,57 +1882,51 @@ def run_benchmark(args, machine):
             print("server:   %s (pid %d)" % (server.banner, server.pid))
             print("baseline: %s (pid %d)" % (baseline.banner, baseline.pid))
             print()
-            if set(args.scenarios) & set(DEFAULT_SCENARIOS) or args.scale:
+            if wanted - {"waiters", "memory"} or args.scale:
                 print(TABLE_HEAD)
                 print("-" * len(TABLE_HEAD), flush=True)
-            if "publish" in args.scenarios:
+            if "publish" in wanted:
                 for connections in args.connections:
                     run_pair("publish", connections, "base", server, baseline, args, workdir, results)
-            if any(s in args.scenarios for s in ("read", "consume", "mixed")) or args.scale:
-                print("  preloading %s events into %s ..." % (f"{args.read_events:,}", READ_STREAM),
-                      flush=True)
-                loads["read_stream"] = load_events(server.target, [(READ_STREAM, args.read_events)],
-                                                   READ_STREAM)
+            if wanted & {"repeat-read", "consume", "mixed"} or args.scale:
+                print("  preloading %s events into %s ..." % (f"{args.read_events:,}", READ_STREAM), flush=True)
+                loads["read_stream"] = load_events(server.target, [(READ_STREAM, args.read_events)], READ_STREAM)
                 print("  ... %s events/s" % f"{loads['read_stream']['events_per_s']:,}", flush=True)
-            for scenario in ("read", "consume"):
-                if scenario in args.scenarios:
+            for scenario in ("repeat-read", "consume", "tail"):
+                if scenario in wanted:
                     for connections in args.connections:
                         run_pair(scenario, connections, "base", server, baseline, args, workdir, results)
-            if "mixed" in args.scenarios:
-                run_pair("mixed", MIXED_PUBLISHERS + MIXED_CONSUMERS, "base", server, baseline, args,
-                         workdir, results)
-            if "waiters" in args.scenarios:
-                print("  waiters: publish at %d connections, alternately without and with %d long-poll "
-                      "reads waiting, %d round(s) ..." % (WAITERS_PUBLISHERS, args.waiters, args.waiter_rounds),
-                      flush=True)
+            if "mixed" in wanted:
+                run_pair("mixed", MIXED_PUBLISHERS + MIXED_CONSUMERS, "base", server, baseline, args, workdir,
+                         results)
+            if "waiters" in wanted:
+                print("  waiters: publish at %d connections, alternately without and with %d long-poll reads "
+                      "waiting, %d round(s) ..." % (WAITERS_PUBLISHERS, args.waiters, args.waiter_rounds), flush=True)
                 waiters = run_waiters(server, args, problems)
             if args.scale:
-                print("  loading %s events in %d streams (--scale) ..." % (
-                    f"{args.scale_events:,}", args.scale_streams), flush=True)
-                loads["scale"] = load_events(server.target, scale_plan(args.scale_events, args.scale_streams),
-                                             "scale")
+                print("  loading %s events in %d streams (--scale) ..." % (f"{args.events:,}", args.streams),
+                      flush=True)
+                loads["scale"] = load_events(server.target, scale_plan(args.events, args.streams), "scale")
                 print("  ... %s events/s" % f"{loads['scale']['events_per_s']:,}", flush=True)
-                if hasattr(os, "sync"):  # else the runs below pay for writing back the load's ~700 MB
-                    started = time.monotonic()
-                    os.sync()
-                    print("  ... written back to disk in %.1f s" % (time.monotonic() - started), flush=True)
-                for scenario in ("publish", "read"):
+                started = time.monotonic()
+                os.sync()   # else the runs below pay for writing back the load's ~700 MB
+                print("  ... written back to disk in %.1f s" % (time.monotonic() - started), flush=True)
+                for scenario in ("publish", "repeat-read"):
                     for connections in args.connections:
                         run_pair(scenario, connections, "scale", server, baseline, args, workdir, results)
+            if wanted & {"spread", "memory"}:
+                run_spread(args, workdir, baseline, user, password, results, problems, memory)
+            if "memory" in wanted:
+                problems.extend(run_fixtures_memory(args, workdir, user, password, memory))
         except BenchError as error:
             problems.append("run stopped: %s" % error)
             if server and server.process.poll() is not None:
-                problems.append("server exited with code %s: %s" % (server.process.returncode,
-                                                                  server.stderr_tail()))
+                problems.append("server exited with code %s: %s" % (server.process.returncode, server.stderr_tail()))
         finally:
             baseline.stop()
             if server:
                 server.stop()
-                if server.exit_note:
-                    problems.append("server %s" % server.exit_note)
-                if server.tracebacks():
-                    problems.append("server logged %d traceback(s); first lines: %s" % (
-                        server.tracebacks(), server.stderr_tail(8)))
+                problems.extend(server.problems())
         for row in results:
             if row["server"]["errors"]:
                 problems.append("%s %d conns: server errors %s" % (row["scenario"], row["connections"],
@@ -1700,24 +1935,17 @@ def run_benchmark(args, machine):
         print_table(results)
     if waiters:
         print_waiters(waiters)
+    print_memory(memory)
     for problem in problems:
         print("PROBLEM: %s" % problem)
     if args.json:
-        document = {"version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "command": [sys.executable, sys.argv[0]] + sys.argv[1:], "machine": machine,
-                    "config": {"sync": args.sync, "duration_s": args.duration, "warmup_s": args.warmup,
-                               "connections": args.connections, "scenarios": args.scenarios,
-                               "repeat": args.repeat, "waiters": args.waiters,
-                               "waiter_rounds": args.waiter_rounds,
-                               "client": args.client, "envelope_bytes": ENVELOPE_SIZE,
-                               "read_events": args.read_events, "scale": args.scale,
-                               "scale_events": args.scale_events if args.scale else None,
-                               "scale_streams": args.scale_streams if args.scale else None},
-                    "server": server.banner if server else None, "loads": loads, "results": results,
-                    "waiters": waiters, "problems": problems}
-        with open(args.json, "w") as f:
-            json.dump(document, f, indent=1)
-        print("\nfigures written to %s" % args.json)
+        config = {key: getattr(args, key) for key in (
+            "server", "sync", "duration", "warmup", "connections", "scenarios", "repeat", "client", "read_events",
+            "tail_rate", "spread_events", "spread_consumers", "memory_consumers", "waiters", "waiter_rounds",
+            "scale", "events", "streams")}
+        write_json(args.json, {"machine": machine, "config": dict(config, envelope_bytes=ENVELOPE_SIZE),
+                               "server": server.banner if server else None, "loads": loads, "results": results,
+                               "waiters": waiters, "memory": memory, "problems": problems})
     return 1 if any(problem.startswith("run stopped") for problem in problems) else 0
 
 
