@@ -107,7 +107,8 @@ FIXED_TIME = "2024-05-14T13:58:12.000000+00:00"   # createdAt and movedAt of gen
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="bench_eventserver.py", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--server", default=os.path.join(HERE, "eventserver.py"), help="eventserver.py to run (default: beside this)")
+    add("--server", action="append", help="eventserver.py to run (default: beside this); given again, the "
+        "others too, each run in turns with the first (named by their directories), for a comparison")
     add("--sync", choices=("full", "normal"), default="full", help="the server's --sync (default full)")
     add("--duration", type=float, default=5.0, help="measured seconds per run (default 5)")
     add("--warmup", type=float, default=1.0, help="unmeasured seconds before each run (default 1)")
@@ -134,6 +135,7 @@ def parse_args(argv):
     add("--event-name", default=EVENT_NAME, help="--endpoints: the event name to read and search for")
     add("--json", metavar="PATH", help="figures file (default bench-results[-endpoints].json; '' for none)")
     args = parser.parse_args(argv)
+    args.servers = args.server or [os.path.join(HERE, "eventserver.py")]
     try:
         args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
     except ValueError:
@@ -149,14 +151,15 @@ def parse_args(argv):
                  args.requests) < 1, "counts must be >= 1"),
             (args.events < args.spread_consumers + READ_LIMIT, "--events must exceed --spread-consumers by 10"),
             (args.client == "wrk" and not shutil.which("wrk"), "--client wrk: wrk is not on PATH"),
-            (not os.path.isfile(args.server), "server not found: %s (use --server PATH)" % args.server),
+            (not all(map(os.path.isfile, args.servers)), "server not found: %s" % ", ".join(args.servers)),
             (args.endpoints and args.build_db, "--endpoints and --build-db are separate runs"),
             (args.endpoints and not os.path.isfile(args.endpoints), "--endpoints: no database at %s" % args.endpoints)):
         if failed:
             parser.error(message)
     if args.json is None:
         args.json = "bench-results-endpoints.json" if args.endpoints else "bench-results.json"
-    args.server = os.path.abspath(args.server)
+    args.servers = [os.path.abspath(path) for path in args.servers]
+    args.server = args.servers[0]   # the one that runs the scenarios with a database of their own
     return args
 
 
@@ -1140,14 +1143,16 @@ def scenario_specs(scenario, connections, fake, tag, args, stream=None):
     return sorted(specs, key=lambda spec: (spec["index"], spec["role"]))
 
 
-def run_pair(scenario, connections, phase, server, baseline, args, workdir, results):
-    """Baseline then server, same client and request shapes, --repeat times; one row per role.
-    With repeats, each row is the repeat with the median ratio; all ratios go to the JSON."""
+def run_pair(scenario, connections, phase, servers, baseline, args, workdir, results):
+    """The baseline, then each server, in turns (the first server of a turn rotates), --repeat times,
+    same client and request shapes; one row per server and role. With repeats, each row is the repeat
+    with the median ratio; all ratios go to the JSON."""
     use_wrk = args.client == "wrk" and scenario != "mixed"
-    # tail: the server first, so that the baseline's consumers acknowledge as many events per read
-    order = [("baseline", baseline), ("server", server)][::-1 if scenario == "tail" else 1]
     repeats = []
-    for _ in range(args.repeat):
+    for repeat in range(args.repeat):
+        turn = servers[repeat % len(servers):] + servers[:repeat % len(servers)]
+        # tail: the servers first, so that the baseline's consumers acknowledge as many events per read
+        order = turn + [("baseline", baseline)] if scenario == "tail" else [("baseline", baseline)] + turn
         figures = {}
         for name, service in order:
             tag = "%s%d-%s" % (phase, connections, uuid.uuid4().hex[:8])
@@ -1156,35 +1161,37 @@ def run_pair(scenario, connections, phase, server, baseline, args, workdir, resu
                 publish_one(service.target, stream)
             specs = scenario_specs(scenario, connections, name == "baseline", tag, args, stream)
             if name == "baseline" and scenario == "tail":
-                served = figures["server"]["roles"]["tail"]
+                served = figures[turn[0][0]]["roles"]["tail"]
                 for spec in specs:
                     spec["acks_per_read"] = served["events_per_s"] / (served["reads_per_s"] or 1)
             meter = ProcessMeter(service.pid)
             figures[name] = run_wrk(service, specs, args, workdir, name == "baseline", meter) if use_wrk \
                 else run_load(service, specs, args, meter)
-            if stream and name == "server":   # did the consumers keep up?
+            if stream and name != "baseline":   # did the consumers keep up?
                 with Client(service.target) as client:
                     consumers = client.json("GET", "/api/v1/consumers/%s" % stream)
                 figures[name]["behind"] = max((c["behind"] for c in consumers), default=None)
         repeats.append(figures)
-    for role in sorted(repeats[0]["server"]["roles"], key=list(SESSIONS).index):
-        rows = sorted((pair_row(scenario, connections, phase, role, figures, use_wrk) for figures in repeats),
-                      key=lambda row: row["ratio"] or 0)
-        row = rows[(len(rows) - 1) // 2]
-        row["peak_rss_mb"] = max((r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None), default=None)
-        if len(rows) > 1:
-            row["repeat_ratios"] = [r["ratio"] for r in rows]
-            row["repeat_server_throughputs"] = [round(r["server_throughput"]) for r in rows]
-        results.append(row)
-        print_row(row)
-        for which in ("server", "baseline"):
-            for sample in row[which].get("error_samples", [])[:3]:
-                print("      %s error: %s" % (which, sample), flush=True)
+    for build, _ in servers:
+        for role in sorted(repeats[0][build]["roles"], key=list(SESSIONS).index):
+            rows = sorted((pair_row(scenario, connections, phase, role, figures[build], figures["baseline"],
+                                    use_wrk) for figures in repeats), key=lambda row: row["ratio"] or 0)
+            row = rows[(len(rows) - 1) // 2]
+            row["peak_rss_mb"] = max((r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None), default=None)
+            row["build"] = build if len(servers) > 1 else None
+            if len(rows) > 1:
+                row["repeat_ratios"] = [r["ratio"] for r in rows]
+                row["repeat_server_throughputs"] = [round(r["server_throughput"]) for r in rows]
+            results.append(row)
+            print_row(row)
+            for which in ("server", "baseline"):
+                for sample in row[which].get("error_samples", [])[:3]:
+                    print("      %s error: %s" % (which, sample), flush=True)
 
 
-def pair_row(scenario, connections, phase, role, figures, use_wrk):
-    served = figures["server"]["roles"][role]
-    base = figures["baseline"]["roles"].get(role, {})
+def pair_row(scenario, connections, phase, role, server_figures, baseline_figures, use_wrk):
+    served = server_figures["roles"][role]
+    base = baseline_figures["roles"].get(role, {})
     if scenario == "spread":   # every spread read answers limit events: offsets stop short of the end
         served = dict(served, events_per_s=READ_LIMIT * served["requests_per_s"])
     # consume: events/s against the baseline's requests/s of the same mix
@@ -1196,11 +1203,11 @@ def pair_row(scenario, connections, phase, role, figures, use_wrk):
                         "tail": 1 if role == "publish" else connections}.get(scenario, connections),
         "unit": "events/s" if role == "consume" else "requests/s", "server": served, "baseline": base,
         "ratio": round(throughput / base_rps, 3) if base_rps else None, "server_throughput": throughput,
-        "behind": figures["server"].get("behind") if role == "tail" else None,
+        "behind": server_figures.get("behind") if role == "tail" else None,
         "client": "wrk" if use_wrk else "stdlib",
-        **{key: figures["server"][key] for key in ("peak_rss_mb", "server_cpu_percent", "server_cpu_us_per_request",
+        **{key: server_figures[key] for key in ("peak_rss_mb", "server_cpu_percent", "server_cpu_us_per_request",
                                                    "client_cpu_percent")},
-        **{"baseline_" + key: figures["baseline"][key] for key in ("server_cpu_percent", "server_cpu_us_per_request")},
+        **{"baseline_" + key: baseline_figures[key] for key in ("server_cpu_percent", "server_cpu_us_per_request")},
     }
 
 
@@ -1217,7 +1224,7 @@ def run_spread(args, workdir, baseline, user, password, results, problems, memor
             server.banner, server.pid, memory["spread_server_start_rss_mb"]), flush=True)
         if "spread" in args.scenarios:
             for connections in args.connections:
-                run_pair("spread", connections, "base", server, baseline, args, workdir, results)
+                run_pair("spread", connections, "base", [("spread", server)], baseline, args, workdir, results)
         if "memory" in args.scenarios:
             print("  %s distinct consumers read and acknowledge one event each ..." % f"{args.memory_consumers:,}",
                   flush=True)
@@ -1366,7 +1373,8 @@ def print_row(row):
     if row["server_cpu_us_per_request"]:
         notes.append("%.0f us/req" % row["server_cpu_us_per_request"])
     print("%-16s %5d | %9s %8s %8s %7s %5s | %9s %8s %8s | %6s  %s" % (
-        row["scenario"] + ("@scale" if row["phase"] == "scale" else ""), row["connections"],
+        row["scenario"] + ("@scale" if row["phase"] == "scale" else "") + (" " + row["build"] if row["build"] else ""),
+        row["connections"],
         fmt_int(row["server_throughput"]), fmt(served["p50_ms"], 2), fmt(served["p99_ms"], 2),
         fmt(row["peak_rss_mb"], 1), fmt(row["server_cpu_percent"], 0), fmt_int(base.get("requests_per_s")),
         fmt(base.get("p50_ms"), 2), fmt(base.get("p99_ms"), 2), fmt(row["ratio"], 2), "; ".join(notes)), flush=True)
@@ -1389,7 +1397,7 @@ def print_report(results, waiters, memory, problems):
         print("-" * len(TABLE_HEAD))
         for row in results:
             print_row(row)
-    first = {(r["scenario"], r["connections"]): r for r in results if r["phase"] == "base"}
+    first = {(r["scenario"], r["connections"]): r for r in reversed(results) if r["phase"] == "base"}
     scaled = [(first.get((r["scenario"], r["connections"])), r) for r in results if r["phase"] == "scale"]
     if scaled:
         print("\nScale: the same runs with the extra events stored, change of server/s against the first run")
@@ -1446,7 +1454,7 @@ def print_header(args, machine):
                                                                             args.sync))
     elif not args.build_db:
         print("run:     %s, --sync %s, %g s per run after %g s warm-up, x%d, connections %s, scenarios %s, "
-              "client %s%s" % (args.server, args.sync, args.duration, args.warmup, args.repeat,
+              "client %s%s" % (" + ".join(args.servers), args.sync, args.duration, args.warmup, args.repeat,
                                ",".join(map(str, args.connections)), ",".join(args.scenarios), args.client,
                                ", --scale %s events in %d streams" % (f"{args.events:,}", args.streams)
                                if args.scale else ""))
@@ -1613,70 +1621,79 @@ def build_database(args):
     return 1 if problems else 0
 
 
+def build_names(paths):
+    """A short name per server: its directory's, or its place in the list when those repeat."""
+    names = [os.path.basename(os.path.dirname(path)) for path in paths]
+    return names if len(set(names)) == len(names) else ["#%d" % (i + 1) for i in range(len(paths))]
+
+
 def run_benchmark(args, machine):
     user, password = "bench", uuid.uuid4().hex
-    results, loads, problems, waiters, memory = [], {}, [], None, {}
+    results, loads, problems, waiters, memory, servers = [], {}, [], None, {}, []
     wanted = set(args.scenarios)
     with tempfile.TemporaryDirectory(prefix="bench-eventserver-") as workdir:
         baseline = Service("baseline", [sys.executable, os.path.abspath(__file__), "--baseline-server",
                                         "--user", user, "--password", password], workdir, user, password)
-        server = None
         try:
-            server = start_server(args, os.path.join(workdir, "bench.db"), workdir, user, password)
-            print("server:   %s (pid %d)\nbaseline: %s (pid %d)\n" % (server.banner, server.pid, baseline.banner,
-                                                                      baseline.pid))
+            for number, (name, path) in enumerate(zip(build_names(args.servers), args.servers)):
+                servers.append((name, start_server(argparse.Namespace(**dict(vars(args), server=path)), os.path.join(
+                    workdir, "bench-%d.db" % number), workdir, user, password, "eventserver-%d" % number)))
+                print("server %s: %s (pid %d, %s)" % (name, servers[-1][1].banner, servers[-1][1].pid, path))
+            first = servers[0][1]   # the server of waiters and --scale
+            print("baseline: %s (pid %d)\n" % (baseline.banner, baseline.pid))
             if wanted - {"waiters", "memory"} or args.scale:
                 print(TABLE_HEAD + "\n" + "-" * len(TABLE_HEAD), flush=True)
             for connections in args.connections if "publish" in wanted else ():
-                run_pair("publish", connections, "base", server, baseline, args, workdir, results)
+                run_pair("publish", connections, "base", servers, baseline, args, workdir, results)
             if wanted & {"repeat-read", "consume", "mixed"} or args.scale:
                 print("  preloading %s events into %s ..." % (f"{args.read_events:,}", READ_STREAM), flush=True)
-                loads["read_stream"] = load_events(server.target, [(READ_STREAM, args.read_events)], READ_STREAM)
+                for _, server in servers:
+                    loads["read_stream"] = load_events(server.target, [(READ_STREAM, args.read_events)], READ_STREAM)
                 print("  ... %s events/s" % f"{loads['read_stream']['events_per_s']:,}", flush=True)
             for scenario in ("repeat-read", "consume", "tail"):
                 for connections in args.connections if scenario in wanted else ():
-                    run_pair(scenario, connections, "base", server, baseline, args, workdir, results)
+                    run_pair(scenario, connections, "base", servers, baseline, args, workdir, results)
             if "mixed" in wanted:
-                run_pair("mixed", MIXED_PUBLISHERS + MIXED_CONSUMERS, "base", server, baseline, args, workdir,
+                run_pair("mixed", MIXED_PUBLISHERS + MIXED_CONSUMERS, "base", servers, baseline, args, workdir,
                          results)
             if "waiters" in wanted:
                 print("  waiters: publish at %d connections, alternately without and with %d long-poll reads "
                       "waiting, %d round(s) ..." % (WAITERS_PUBLISHERS, args.waiters, args.waiter_rounds), flush=True)
-                waiters = run_waiters(server, args, problems)
+                waiters = run_waiters(first, args, problems)
             if args.scale:
                 print("  loading %s events in %d streams (--scale) ..." % (f"{args.events:,}", args.streams),
                       flush=True)
-                loads["scale"] = load_events(server.target, scale_plan(args.events, args.streams), "scale")
+                loads["scale"] = load_events(first.target, scale_plan(args.events, args.streams), "scale")
                 started = time.monotonic()
                 os.sync()   # else the runs below pay for writing back the load's ~700 MB
                 print("  ... %s events/s; written back to disk in %.1f s" % (
                     f"{loads['scale']['events_per_s']:,}", time.monotonic() - started), flush=True)
                 for scenario in ("publish", "repeat-read"):
                     for connections in args.connections:
-                        run_pair(scenario, connections, "scale", server, baseline, args, workdir, results)
+                        run_pair(scenario, connections, "scale", servers[:1], baseline, args, workdir, results)
             if wanted & {"spread", "memory"}:
                 run_spread(args, workdir, baseline, user, password, results, problems, memory)
             if "memory" in wanted:
                 problems.extend(run_fixtures_memory(args, workdir, user, password, memory))
         except BenchError as error:
             problems.append("run stopped: %s" % error)
-            if server and server.process.poll() is not None:
-                problems.append("server exited with code %s: %s" % (server.process.returncode, server.stderr_tail()))
+            problems += ["%s exited with code %s: %s" % (server.name, server.process.returncode, server.stderr_tail())
+                         for _, server in servers if server.process.poll() is not None]
         finally:
             baseline.stop()
-            if server:
+            for _, server in servers:
                 problems.extend(server.stop())
     problems += ["%s %d conns: server errors %s" % (row["scenario"], row["connections"], row["server"]["errors"])
                  for row in results if row["server"]["errors"]]
     print_report(results, waiters, memory, problems)
     if args.json:
         config = {key: getattr(args, key) for key in (
-            "server", "sync", "duration", "warmup", "connections", "scenarios", "repeat", "client", "read_events",
+            "servers", "sync", "duration", "warmup", "connections", "scenarios", "repeat", "client", "read_events",
             "tail_rate", "events", "spread_consumers", "memory_consumers", "waiters", "waiter_rounds", "scale",
             "streams")}
         write_json(args.json, {"machine": machine, "config": dict(config, envelope_bytes=ENVELOPE_SIZE),
-                               "server": server.banner if server else None, "loads": loads, "results": results,
-                               "waiters": waiters, "memory": memory, "problems": problems})
+                               "servers": {name: server.banner for name, server in servers}, "loads": loads,
+                               "results": results, "waiters": waiters, "memory": memory, "problems": problems})
     return 1 if any(problem.startswith("run stopped") for problem in problems) else 0
 
 
