@@ -30,7 +30,7 @@ p50 and p99, the ratio server / baseline, and the server's peak RSS and CPU:
 
 docs/PERFORMANCE.md says how each scenario is built and what it measured. Run it:
 
-    python3 bench_eventserver.py                  # make bench; about 6 minutes on 2 cores
+    python3 bench_eventserver.py                  # make bench; about 5 minutes on 2 cores
     python3 bench_eventserver.py --client wrk --repeat 3 --scenarios publish,consume
     python3 bench_eventserver.py --scenarios memory   # make bench-memory
     python3 bench_eventserver.py --scale          # publish and repeat-read again over 1,000,000 more events
