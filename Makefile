@@ -1,7 +1,7 @@
 # eventserver: `make run` serves on 127.0.0.1:8000, `make test` runs the test suite.
 PYTHON ?= python3
 
-.PHONY: run test test-pythons test-browser bench
+.PHONY: run test test-pythons test-browser bench bench-memory
 
 run:
 	$(PYTHON) eventserver.py
@@ -19,5 +19,10 @@ test-pythons:
 test-browser:
 	$(PYTHON) test_dashboard.py
 
+# Every scenario but waiters and memory against the do-nothing baseline (docs/PERFORMANCE.md).
 bench:
 	$(PYTHON) bench_eventserver.py
+
+# Peak RSS during --fixtures and import of 1,000,000 events and after 100,000 consumers.
+bench-memory:
+	$(PYTHON) bench_eventserver.py --scenarios memory

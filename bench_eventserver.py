@@ -1,82 +1,51 @@
 #!/usr/bin/env python3
-"""bench_eventserver.py -- throughput and latency of eventserver.py next to a do-nothing baseline.
+"""bench_eventserver.py -- throughput, latency and memory of eventserver.py next to a do-nothing baseline.
 
-In one run, on one machine, it starts two HTTP servers in their own processes:
+In one run it starts, each in its own process, the event server (``eventserver.py``
+beside this file, or ``--server``) on a fresh SQLite file with ``--sync`` from the
+command line, and a baseline: a ``ThreadingHTTPServer`` handler that does only
+what no server can avoid (read the body, parse the JSON or form, check Basic
+auth in constant time, answer a small JSON in one write; this file run as
+``--baseline-server``). It drives both with the same keep-alive load (its own
+client: worker processes with raw-socket connections in a ``selectors`` loop, one
+request in flight per connection; or wrk with ``--client wrk``) for a fixed time
+after a warm-up, and reports per scenario and connection count the throughput,
+p50 and p99, the ratio server / baseline, and the server's peak RSS and CPU:
 
-- the event server (``eventserver.py`` beside this file) on a fresh SQLite file
-  in a temporary directory, with ``--sync`` from the command line;
-- a baseline: a ``ThreadingHTTPServer`` handler that does only the per-request
-  work no server can avoid (read the body, parse the JSON or form, check Basic
-  auth in constant time, write a small JSON answer in one write). It is this
-  same file run as ``bench_eventserver.py --baseline-server``.
+- publish       POSTs of a ~400-byte envelope over 16 streams;
+- repeat-read   ``limit=10`` GETs of the same window of a 100,000-event stream
+                (never acknowledged: the server's cache of answers serves them;
+                ``read`` is its old name);
+- consume       read ``limit=100``, acknowledge each event (events/s);
+- mixed         4 publishers and 4 consumers at once;
+- tail          consumers that keep up: read the newest events of a stream that
+                one connection publishes to at ``--tail-rate``/s, acknowledge each;
+- spread        10,000 consumers at distinct random offsets of a 1,000,000-event
+                stream (built with ``eventserver.py import``), ``limit=10`` reads,
+                each connection in its own random order of them;
+- waiters       (named only) publishing at 8 connections without and with 100
+                long polls waiting, 5 rounds;
+- memory        (named only) peak RSS during ``--fixtures`` of 1,000,000 events,
+                during their import, and after 100,000 distinct consumers.
 
-It drives both with the same keep-alive load client (worker processes, each
-running several raw-socket HTTP/1.1 connections in a ``selectors`` loop, one
-request in flight per connection) for a fixed time after a short warm-up, and
-reports, per scenario and connection count, requests/s, p50 and p99 latency,
-the ratio server / baseline and the server's peak RSS and CPU:
+docs/PERFORMANCE.md says how each scenario is built and what it measured. Run it:
 
-- publish: POSTs of a ~400-byte envelope spread over 16 streams;
-- read:    GETs of ``limit=10`` from a stream preloaded with 100,000 events
-           (the readers never acknowledge, so they read the same events);
-- consume: every connection is a consumer that reads ``limit=100`` and
-           acknowledges each event in order; the server figure is events/s and
-           the ratio is events/s / baseline requests/s of the same request mix;
-- mixed:   4 publishers and 4 consumers at once (one row each);
-- waiters: only when named (``--scenarios waiters``, about a minute), not against
-           the baseline: the publish load at 8 connections, alternately
-           without and with 100 long-poll reads waiting (``--waiters``), for
-           5 rounds (``--waiter-rounds``; the order flips each round, so drift
-           falls on both alike). The waiters are another process: 100 more
-           keep-alive connections, each holding a ``wait=30`` read of an event
-           name nobody publishes on one of the publish streams, and reading
-           again when one returns; they are not counted as requests. After
-           each run one event of that name per stream releases them and they
-           disconnect, so the next run starts without them (the server's
-           thread count is checked both ways). It reports the median
-           publishes/s of each and the change (issue 5: at most 10% slower).
-
-With ``--scale`` it then loads 1,000,000 more events (100 streams) through the
-batch API and runs publish and read again, to compare with the first figures.
-It prints a table and writes every figure to a JSON file (``--json``).
-
-Run it (``make bench`` runs the first line):
-
-    python3 bench_eventserver.py                  # about 2 minutes on 2 cores
-    python3 bench_eventserver.py --sync normal
-    python3 bench_eventserver.py --scale          # adds the 1,000,000-event runs, about 5 minutes in all
-    python3 bench_eventserver.py --scenarios waiters   # publishing with and without 100 long polls
-    python3 bench_eventserver.py --repeat 3       # median of 3 per figure: steadier on a shared machine
-    python3 bench_eventserver.py --duration 2 --connections 8 --scenarios publish,read
+    python3 bench_eventserver.py                  # make bench; about 5 minutes on 2 cores
+    python3 bench_eventserver.py --client wrk --repeat 3 --scenarios publish,consume
+    python3 bench_eventserver.py --scenarios memory   # make bench-memory
+    python3 bench_eventserver.py --scale          # publish and repeat-read again over 1,000,000 more events
+    python3 bench_eventserver.py --server old/eventserver.py --scenarios publish
     python3 bench_eventserver.py --build-db big.db --events 1000000 --streams 100
-    python3 bench_eventserver.py --endpoints big.db --requests 20
+    python3 bench_eventserver.py --endpoints big.db   # each endpoint, one request at a time, against health
 
-``--build-db`` only fills a database through the HTTP batch API and exits.
-``--endpoints DB`` starts the server on that existing database and times, one
-request at a time on one keep-alive connection, ``GET /api/v1/health`` (the
-reference) and every endpoint of SPEC.md section 4 plus a ``limit=10`` read:
-median and p90 wall time of ``--requests`` requests each (5 for an endpoint
-whose first, untimed request took over 0.5 s) and each median's ratio to
-health's. The endpoints take turns, so a burst of noise from the machine falls
-on all of them alike. It finds a stream, an event name and an event ID through
-the API; a search term matching nothing makes the search read every payload.
-It leaves the data as it was except for consumer offsets: when the stream has
-none it first creates three (seeks), and the timed seek sets the first one to
-the offset it already has (only its movedAt changes).
-``--client wrk`` uses ``wrk`` (when on PATH) for publish and read; the default
-client is the standard-library one, which is also always used for consume and
-mixed. ``python3 bench_eventserver.py --help`` lists every flag.
-
-The client shares the machine with both servers: on 2 cores it takes about
-30-45 us of CPU per request (mostly send/recv system calls), which lowers the
-baseline's figure a little more than the server's. Figures from one run vary
-by 10-20% on a shared virtual machine; compare ratios, and use ``--repeat``.
-Standard library only; Linux (it reads ``/proc`` for RSS and CPU).
+Figures vary by 10-20% between runs on a shared machine: compare ratios, use
+``--repeat``. Standard library only; Linux (it reads ``/proc``).
 """
 
 import argparse
 import array
 import base64
+import heapq
 import hmac
 import http.client
 import itertools
@@ -86,6 +55,7 @@ import multiprocessing
 import os
 import platform
 import queue
+import random
 import re
 import selectors
 import shlex
@@ -103,7 +73,7 @@ import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -114,106 +84,82 @@ class BenchError(Exception):
 
 # Configuration ###############################################################
 
-SCENARIOS = ("publish", "read", "consume", "mixed", "waiters")
-DEFAULT_SCENARIOS = ("publish", "read", "consume", "mixed")   # waiters takes about a minute more: asked for by name
+SCENARIOS = ("publish", "repeat-read", "consume", "mixed", "tail", "spread", "waiters", "memory")
+DEFAULT_SCENARIOS = ("publish", "repeat-read", "consume", "mixed", "tail", "spread")
+SCENARIO_ALIASES = {"read": "repeat-read"}
 PUBLISH_STREAMS = 16                 # the publish scenario spreads its POSTs over this many streams
-READ_LIMIT = 10                      # limit= of the read scenario
-CONSUME_LIMIT = 100                  # limit= of the consume scenario
-MIXED_PUBLISHERS = 4
-MIXED_CONSUMERS = 4
+READ_LIMIT = 10                      # limit= of repeat-read and spread
+CONSUME_LIMIT = 100                  # limit= of consume and tail
+MIXED_PUBLISHERS = MIXED_CONSUMERS = 4
 WAITERS_PUBLISHERS = 8               # publish connections of the waiters scenario
 WAITERS_WAIT = 30                    # wait= of each long-poll read (the server's default --max-wait)
 WAITERS_NAME = "BenchNobodyPublishes"   # the waiters' event name (+ a suffix per run); released by one event
+LINGER_S = 20.0                      # how long waiters may take to be released after the window
+NEWCOMER_CONNECTIONS = 8             # connections of the memory scenario's distinct consumers
 LOAD_BATCH = 1000                    # envelopes per POST when preloading (the API's maximum)
 LOAD_CONNECTIONS = 4                 # concurrent loader connections
 EVENT_NAME = "OrderPlaced"
 READ_STREAM = "bench-read"
+SPREAD_STREAM = "bench-spread"
+FIXED_TIME = "2024-05-14T13:58:12.000000+00:00"   # createdAt and movedAt of generated records
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="bench_eventserver.py",
-        description="Benchmark eventserver.py against a do-nothing ThreadingHTTPServer baseline.")
-    parser.add_argument("--server", default=os.path.join(HERE, "eventserver.py"),
-                        help="path of eventserver.py (default: beside this script)")
-    parser.add_argument("--sync", choices=("full", "normal"), default="full",
-                        help="the server's --sync mode (default full)")
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="measured seconds per run (default 5)")
-    parser.add_argument("--warmup", type=float, default=1.0,
-                        help="unmeasured seconds before each run (default 1)")
-    parser.add_argument("--connections", default="1,8,32",
-                        help="comma-separated connection counts (default 1,8,32)")
-    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS),
-                        help="comma-separated subset of %s (default %s; waiters, about a minute with the "
-                             "defaults, runs only when named)" % (",".join(SCENARIOS),
-                                                                  ",".join(DEFAULT_SCENARIOS)))
-    parser.add_argument("--waiters", type=int, default=100, metavar="N",
-                        help="waiters scenario: long-poll reads held open during the 'with' runs "
-                             "(default 100)")
-    parser.add_argument("--waiter-rounds", type=int, default=5, metavar="N",
-                        help="waiters scenario: rounds of one run without and one with the waiters, "
-                             "alternating which goes first (default 5)")
-    parser.add_argument("--client-procs", type=int, default=0,
-                        help="load-client processes per run (default: min(connections, CPUs))")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run each pair this many times and report the median ratio (default 1)")
-    parser.add_argument("--client", choices=("stdlib", "wrk"), default="stdlib",
-                        help="load client for publish and read (default stdlib; wrk must be on PATH)")
-    parser.add_argument("--read-events", type=int, default=100_000,
-                        help="events preloaded in the stream that read and consume use (default 100000)")
-    parser.add_argument("--scale", action="store_true",
-                        help="then load --scale-events more events and run publish and read again")
-    parser.add_argument("--scale-events", type=int, default=1_000_000,
-                        help="events loaded for --scale (default 1000000)")
-    parser.add_argument("--scale-streams", type=int, default=100,
-                        help="streams they are spread over (default 100)")
-    parser.add_argument("--json", default=None, metavar="PATH",
-                        help="where to write the figures (default bench-results.json, with --endpoints "
-                             "bench-results-endpoints.json; '' for none)")
-    parser.add_argument("--build-db", metavar="PATH",
-                        help="only build a database at PATH through the HTTP batch API, then exit")
-    parser.add_argument("--events", type=int, default=1_000_000,
-                        help="with --build-db: number of events (default 1000000)")
-    parser.add_argument("--streams", type=int, default=100,
-                        help="with --build-db: number of streams (default 100)")
-    parser.add_argument("--endpoints", metavar="DB",
-                        help="only time each API endpoint, one request at a time, on the existing "
-                             "database DB (see above), then exit")
-    parser.add_argument("--requests", type=int, default=20, metavar="N",
-                        help="with --endpoints: timed requests per endpoint (default 20; at most 5 "
-                             "for an endpoint whose first request takes over 0.5 s)")
-    parser.add_argument("--event-name", default=EVENT_NAME,
-                        help="with --endpoints: the event name to read and search for "
-                             "(default %s, what --build-db writes)" % EVENT_NAME)
+    parser = argparse.ArgumentParser(prog="bench_eventserver.py", description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--server", action="append", help="eventserver.py to run (default: beside this); given again, the "
+        "others too, each run in turns with the first (named by their directories), for a comparison")
+    add("--sync", choices=("full", "normal"), default="full", help="the server's --sync (default full)")
+    add("--duration", type=float, default=5.0, help="measured seconds per run (default 5)")
+    add("--warmup", type=float, default=1.0, help="unmeasured seconds before each run (default 1)")
+    add("--connections", default="1,8,32", help="comma-separated connection counts (default 1,8,32)")
+    add("--scenarios", default=",".join(DEFAULT_SCENARIOS),
+        help="comma-separated subset of %s (default %s)" % (",".join(SCENARIOS), ",".join(DEFAULT_SCENARIOS)))
+    add("--repeat", type=int, default=1, help="runs per pair; the median ratio is reported (default 1)")
+    add("--client", choices=("stdlib", "wrk"), default="stdlib", help="load client (default stdlib)")
+    add("--client-procs", type=int, default=0, help="load-client processes (default min(connections, CPUs))")
+    add("--read-events", type=int, default=100_000, help="events of the repeat-read and consume stream")
+    add("--tail-rate", type=float, default=200.0, help="tail: events/s published meanwhile (default 200)")
+    add("--events", "--scale-events", "--spread-events", type=int, default=1_000_000,
+        help="events of the spread stream, of --fixtures, of --scale and of --build-db (default 1000000)")
+    add("--streams", "--scale-streams", type=int, default=100, help="streams of --scale and --build-db")
+    add("--spread-consumers", type=int, default=10_000, help="spread: consumers at random offsets (default 10000)")
+    add("--spread-db", metavar="PATH", help="spread: this database, built there first when missing")
+    add("--memory-consumers", type=int, default=100_000, help="memory: distinct consumers (default 100000)")
+    add("--waiters", type=int, default=100, help="waiters: long polls held open (default 100)")
+    add("--waiter-rounds", type=int, default=5, help="waiters: rounds without and with them (default 5)")
+    add("--scale", action="store_true", help="then load --events more and run publish and repeat-read again")
+    add("--build-db", metavar="PATH", help="only fill a database at PATH through the batch API")
+    add("--endpoints", metavar="DB", help="only time each endpoint on the existing database DB")
+    add("--requests", type=int, default=20, help="--endpoints: timed requests per endpoint (default 20)")
+    add("--event-name", default=EVENT_NAME, help="--endpoints: the event name to read and search for")
+    add("--json", metavar="PATH", help="figures file (default bench-results[-endpoints].json; '' for none)")
     args = parser.parse_args(argv)
+    args.servers = args.server or [os.path.join(HERE, "eventserver.py")]
     try:
         args.connections = [int(c) for c in args.connections.split(",") if c.strip()]
     except ValueError:
         parser.error("--connections takes comma-separated integers, e.g. 1,8,32")
-    if not args.connections or min(args.connections) < 1:
-        parser.error("--connections needs at least one count, each >= 1")
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    args.scenarios = [SCENARIO_ALIASES.get(s.strip(), s.strip()) for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
-    if unknown or not args.scenarios:
-        parser.error("unknown scenario(s) %s; choose from %s" % (",".join(unknown), ",".join(SCENARIOS)))
-    if args.duration <= 0 or args.warmup < 0 or args.repeat < 1:
-        parser.error("--duration must be > 0, --warmup >= 0 and --repeat >= 1")
-    if args.waiters < 1 or args.waiter_rounds < 1:
-        parser.error("--waiters and --waiter-rounds must be >= 1")
-    if args.client == "wrk" and not shutil.which("wrk"):
-        parser.error("--client wrk: wrk is not on PATH")
-    if args.build_db is None and not os.path.exists(args.server):
-        parser.error("server not found: %s (use --server PATH)" % args.server)
-    if args.endpoints is not None:
-        if args.build_db is not None:
-            parser.error("--endpoints and --build-db are separate runs")
-        if not os.path.isfile(args.endpoints):
-            parser.error("--endpoints: no database at %s (build one with --build-db)" % args.endpoints)
-        if args.requests < 1:
-            parser.error("--requests must be >= 1")
+    for failed, message in (
+            (not args.connections or min(args.connections) < 1, "--connections needs counts >= 1"),
+            (unknown or not args.scenarios, "unknown scenario(s) %s; choose from %s" % (
+                ",".join(unknown), ",".join(SCENARIOS))),
+            (args.duration <= 0 or args.warmup < 0 or args.tail_rate <= 0, "--duration and --tail-rate must be > 0"),
+            (min(args.repeat, args.waiters, args.waiter_rounds, args.spread_consumers, args.memory_consumers,
+                 args.requests) < 1, "counts must be >= 1"),
+            (args.events < args.spread_consumers + READ_LIMIT, "--events must exceed --spread-consumers by 10"),
+            (args.client == "wrk" and not shutil.which("wrk"), "--client wrk: wrk is not on PATH"),
+            (not all(map(os.path.isfile, args.servers)), "server not found: %s" % ", ".join(args.servers)),
+            (args.endpoints and args.build_db, "--endpoints and --build-db are separate runs"),
+            (args.endpoints and not os.path.isfile(args.endpoints), "--endpoints: no database at %s" % args.endpoints)):
+        if failed:
+            parser.error(message)
     if args.json is None:
-        args.json = "bench-results-endpoints.json" if args.endpoints is not None else "bench-results.json"
+        args.json = "bench-results-endpoints.json" if args.endpoints else "bench-results.json"
+    args.servers = [os.path.abspath(path) for path in args.servers]
+    args.server = args.servers[0]   # the one that runs the scenarios with a database of their own
     return args
 
 
@@ -232,9 +178,7 @@ def envelope_parts():
                     "total": "129.90", "items": [{"sku": "SKU-10042", "quantity": 2, "price": "39.95"},
                                                  {"sku": "SKU-20077", "quantity": 1, "price": "50.00"}]},
     }
-    text = json.dumps(envelope, separators=(",", ":")).encode()
-    prefix, suffix = text.split(b"@@@@@@@@@@")
-    return prefix, suffix
+    return json.dumps(envelope, separators=(",", ":")).encode().split(b"@@@@@@@@@@")
 
 
 ENVELOPE_PREFIX, ENVELOPE_SUFFIX = envelope_parts()
@@ -258,8 +202,8 @@ def publish_stream(index):
     return "bench-publish-%02d" % index
 
 
-def scale_stream(index):
-    return "bench-scale-%03d" % index
+def spread_consumer(index):
+    return "bench-spread-%05d" % index
 
 
 def basic_auth(user, password):
@@ -270,14 +214,24 @@ def stream_path(stream):
     return "/api/v1/streams/%s/events" % urllib.parse.quote(stream, safe="")
 
 
+def read_path(stream, limit, event_name=EVENT_NAME, wait=None):
+    return "%s?eventName=%s&limit=%d%s" % (stream_path(stream), urllib.parse.quote(event_name, safe=""),
+                                           limit, "" if wait is None else "&wait=%d" % wait)
+
+
 def http_request(target, method, path, headers, body=b""):
     """The bytes of one HTTP/1.1 keep-alive request."""
     lines = ["%s %s HTTP/1.1" % (method, path), "Host: %s:%d" % (target["host"], target["port"]),
-             "Authorization: " + target["auth"]]
-    lines += ["%s: %s" % item for item in headers.items()]
+             "Authorization: " + target["auth"]] + ["%s: %s" % item for item in headers.items()]
     if method == "POST":
         lines.append("Content-Length: %d" % len(body))
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def ack_request(target, stream, consumer):
+    """The bytes of an acknowledgement, split where the event ID goes."""
+    return http_request(target, "POST", stream_path(stream) + "/\0", {
+        "X-Consumer-ID": consumer, "Content-Type": "application/x-www-form-urlencoded"}, b"action=ACK").split(b"\0")
 
 
 # Baseline server #############################################################
@@ -331,8 +285,7 @@ def run_baseline_server(argv):
     server = BaselineServer((args.host, args.port), BaselineHandler)
     server.expected_authorization = basic_auth(args.user, args.password).encode()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    print("baseline %s listening on http://%s:%d/" % (__version__, args.host, server.server_address[1]),
-          flush=True)
+    print("baseline %s listening on http://%s:%d/" % (__version__, args.host, server.server_address[1]), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -350,61 +303,50 @@ class Service:
     """A server started as a subprocess: its address, first stdout line and logs."""
 
     def __init__(self, name, argv, workdir, user, password, timeout=30.0):
-        self.name = name
-        self.out_path = os.path.join(workdir, name + ".stdout")
-        self.err_path = os.path.join(workdir, name + ".stderr")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+        self.name, self.exit_note = name, None
+        self.paths = {stream: os.path.join(workdir, "%s.%s" % (name, stream)) for stream in ("stdout", "stderr")}
+        started = time.monotonic()
+        with open(self.paths["stdout"], "wb") as out, open(self.paths["stderr"], "wb") as err:
             self.process = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                            env=env)
+                                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.pid = self.process.pid
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.stdout()
-            match = URL_PATTERN.search(text)
-            if match:
-                break
+        while not URL_PATTERN.search(self.text("stdout")):
             if self.process.poll() is not None:
-                raise BenchError("%s exited with code %s before listening: %s"
-                                 % (name, self.process.returncode, self.stderr_tail() or text.strip()))
-            if time.monotonic() > deadline:
+                raise BenchError("%s exited with code %s before listening: %s" % (
+                    name, self.process.returncode, self.stderr_tail() or self.text("stdout").strip()))
+            if time.monotonic() > started + timeout:
                 self.process.kill()
                 raise BenchError("%s printed no URL within %.0f s" % (name, timeout))
             time.sleep(0.05)
-        host = match.group(1).strip("[]")
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        self.banner = next(line.strip() for line in text.splitlines() if URL_PATTERN.search(line))
-        self.target = {"host": host, "port": int(match.group(2)), "auth": basic_auth(user, password)}
-        self.exit_note = None
+        self.listening_s = time.monotonic() - started
+        self.banner = next(line.strip() for line in self.text("stdout").splitlines() if URL_PATTERN.search(line))
+        host, port = URL_PATTERN.search(self.banner).groups()
+        host = host.strip("[]")
+        self.target = {"host": "127.0.0.1" if host in ("0.0.0.0", "::", "") else host, "port": int(port),
+                       "auth": basic_auth(user, password)}
 
-    def stdout(self):
-        with open(self.out_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def stderr_text(self):
-        with open(self.err_path, "rb") as f:
+    def text(self, stream):
+        with open(self.paths[stream], "rb") as f:
             return f.read().decode("utf-8", "replace")
 
     def stderr_tail(self, lines=5):
-        return " | ".join(self.stderr_text().strip().splitlines()[-lines:])
+        return " | ".join(self.text("stderr").strip().splitlines()[-lines:])
 
     def wait_healthy(self, timeout=15.0):
-        deadline = time.monotonic() + timeout
-        last = "no answer"
+        deadline, last = time.monotonic() + timeout, "no answer"
         while time.monotonic() < deadline:
             try:
                 status, body = simple_request(self.target, "GET", "/api/v1/health")
                 if status == 200:
                     return
                 last = "%d %s" % (status, body[:200])
-            except OSError as error:
+            except (OSError, BenchError) as error:
                 last = str(error)
             time.sleep(0.1)
         raise BenchError("%s not healthy after %.0f s: %s" % (self.name, timeout, last))
 
     def stop(self, timeout=15.0):
-        """SIGTERM, then wait; notes a slow or unclean stop instead of hiding it."""
+        """SIGTERM, then wait; the problems of this server's life, for the PROBLEM lines."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -413,25 +355,36 @@ class Service:
                 self.process.kill()
                 self.process.wait()
                 self.exit_note = "did not stop within %.0f s of SIGTERM (killed)" % timeout
-                return
-        if self.process.returncode != 0:
+        if self.process.returncode != 0 and not self.exit_note:
             self.exit_note = "exit code %s after SIGTERM: %s" % (self.process.returncode, self.stderr_tail())
+        found = ["%s %s" % (self.name, self.exit_note)] if self.exit_note else []
+        tracebacks = self.text("stderr").count("Traceback (most recent call last)")
+        if tracebacks:
+            found.append("%s logged %d traceback(s); last lines: %s" % (self.name, tracebacks, self.stderr_tail(8)))
+        return found
 
-    def tracebacks(self):
-        return self.stderr_text().count("Traceback (most recent call last)")
 
-
-def simple_request(target, method, path, headers=None, body=None, timeout=120):
-    """One request on a new http.client connection: (status, body bytes)."""
-    connection = http.client.HTTPConnection(target["host"], target["port"], timeout=timeout)
+def proc_status(pid, field):
+    """An integer field of /proc/PID/status (VmRSS, VmHWM in kB, Threads), or None."""
     try:
-        all_headers = {"Authorization": target["auth"]}
-        all_headers.update(headers or {})
-        connection.request(method, path, body=body, headers=all_headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+        with open("/proc/%d/status" % pid) as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), None)
+    except (OSError, ValueError):
+        return None
+
+
+def rss_mb(pid, field="VmRSS"):
+    return round((proc_status(pid, field) or 0) / 1024, 1)
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process, from /proc/PID/stat."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class ProcessMeter:
@@ -439,129 +392,99 @@ class ProcessMeter:
 
     def __init__(self, pid):
         self.pid = pid
-        self.poller = None
-        self.polled_peak_kb = 0
 
     def start(self):
-        self.cpu_start = self.cpu_seconds()
-        # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0); without it, poll VmRSS.
-        try:
-            with open("/proc/%d/clear_refs" % self.pid, "w") as f:
-                f.write("5")
-            self.hwm_reset = True
-        except OSError:
-            self.hwm_reset = False
-            self.stop_polling = threading.Event()
-            self.poller = threading.Thread(target=self.poll, daemon=True)
-            self.poller.start()
+        with open("/proc/%d/clear_refs" % self.pid, "w") as f:
+            f.write("5")   # resets VmHWM, the peak RSS (Linux >= 4.0)
+        self.mark_cpu()
 
     def mark_cpu(self):
-        self.cpu_start = self.cpu_seconds()
+        self.cpu_start = cpu_seconds(self.pid)
 
     def stop(self):
         """(peak RSS in MB, CPU seconds since start or the last mark)."""
-        cpu = self.cpu_seconds() - self.cpu_start
-        if self.poller:
-            self.stop_polling.set()
-            self.poller.join()
-            peak_kb = max(self.polled_peak_kb, self.status_kb("VmRSS"))
-        else:
-            peak_kb = self.status_kb("VmHWM")
-        return peak_kb / 1024.0, cpu
-
-    def poll(self):
-        while not self.stop_polling.wait(0.05):
-            self.polled_peak_kb = max(self.polled_peak_kb, self.status_kb("VmRSS"))
-
-    def status_kb(self, field):
-        try:
-            with open("/proc/%d/status" % self.pid) as f:
-                for line in f:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    def cpu_seconds(self):
-        try:
-            with open("/proc/%d/stat" % self.pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
+        return rss_mb(self.pid, "VmHWM"), cpu_seconds(self.pid) - self.cpu_start
 
 
-# Load client #################################################################
-# Each worker process runs a selectors loop over its keep-alive connections.
-# A connection is driven by a session: a generator that yields the next
-# request and is sent the (status, body) of the answer.
+# Clients #####################################################################
+# Client: http.client on one keep-alive connection, for set-up, loading and
+# --endpoints. RawConnection: a socket and the answer read so far, for the
+# load client, which parses only what it needs.
 
-def publish_session(target, spec, stats):
-    """POST envelopes round-robin over the publish streams this connection shares with the others."""
-    streams = [publish_stream(i) for i in range(PUBLISH_STREAMS)]
-    heads = []
-    for stream in streams:
-        request = http_request(target, "POST", stream_path(stream),
-                               {"Content-Type": "application/json", "X-Producer-ID": producer_id(stream)},
-                               envelope_bytes(0))
-        heads.append(request[:-ENVELOPE_SIZE])
-    index, total = spec["index"], spec["total"]
-    first_order = index * 100_000_000
-    for count in itertools.count():
-        stream_index = (index + count * total) % PUBLISH_STREAMS
-        yield heads[stream_index] + envelope_bytes(first_order + count % 100_000_000), False
+class Client:
+    """One keep-alive http.client connection with the run's credentials."""
 
+    def __init__(self, target, timeout=300):
+        self.target, self.timeout, self.connection = target, timeout, None
 
-def read_session(target, spec, stats):
-    """GET the same first events again and again: this consumer never acknowledges."""
-    path = "%s?eventName=%s&limit=%d" % (stream_path(READ_STREAM), EVENT_NAME, READ_LIMIT)
-    request = http_request(target, "GET", path, {"X-Consumer-ID": spec["consumer"]})
-    while True:
-        yield request, False
+    def __enter__(self):
+        return self
 
+    def __exit__(self, *_):
+        self.close()
 
-def consume_session(target, spec, stats):
-    """Read limit=100, acknowledge each event in order; a fresh consumer ID when the stream runs dry."""
-    read_path = "%s?eventName=%s&limit=%d" % (stream_path(READ_STREAM), EVENT_NAME, CONSUME_LIMIT)
-    ack_prefix = ("POST %s/" % stream_path(READ_STREAM)).encode()
-    fake_ids = [str(uuid.uuid4()) for _ in range(CONSUME_LIMIT)] if spec["fake"] else None
-    generation = 0
-    while True:
-        consumer = "%s-%d" % (spec["consumer"], generation)
-        read_request = http_request(target, "GET", read_path, {"X-Consumer-ID": consumer})
-        ack_suffix = http_request(target, "POST", "", {"X-Consumer-ID": consumer,
-                                  "Content-Type": "application/x-www-form-urlencoded"},
-                                  b"action=ACK")[len("POST "):]
-        while True:
-            status, body = yield read_request, False
-            if status != 200:
+    def request(self, method, path, headers=None, body=None):
+        """(status, body, seconds); a GET is retried once when the server closed an idle connection."""
+        headers = dict(headers or {}, Authorization=self.target["auth"])
+        for attempt in (1, 2):
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection(self.target["host"], self.target["port"],
+                                                             timeout=self.timeout)
+                self.connection.connect()
+                self.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            began = time.perf_counter()
+            try:
+                self.connection.request(method, path, body if body or method != "POST" else b"", headers)
+                response = self.connection.getresponse()
+                answer = response.read()
+            except (http.client.HTTPException, OSError) as error:
+                self.close()
+                if attempt == 2 or method != "GET":
+                    raise BenchError("%s %s: %r" % (method, path, error)) from None
                 continue
-            if fake_ids:
-                event_ids = fake_ids
-            else:
-                event_ids = [event["eventId"] for event in json.loads(body)]
-            if not event_ids:
-                break
-            for event_id in event_ids:
-                status, body = yield ack_prefix + event_id.encode() + ack_suffix, True
-                if status != 200:
-                    break
-        generation += 1
-        stats.consumer_restarts += 1
+            if response.will_close:
+                self.close()
+            return response.status, answer, time.perf_counter() - began
+
+    def json(self, method, path, headers=None, body=None):
+        status, answer, _ = self.request(method, path, headers, body)
+        if status != 200:
+            raise BenchError("%s %s: %d %s" % (method, path, status, answer[:300].decode("utf-8", "replace")))
+        return json.loads(answer)
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
 
 
-SESSIONS = {"publish": publish_session, "read": read_session, "consume": consume_session}
+def simple_request(target, method, path, headers=None, body=None):
+    """One request on a new connection: (status, body bytes)."""
+    with Client(target, timeout=120) as client:
+        return client.request(method, path, headers, body)[:2]
+
+
+def publish_one(target, stream, event_name=EVENT_NAME):
+    """POST one envelope with this event name to the stream, as its owner."""
+    envelope = json.loads(envelope_bytes(0))
+    envelope["event"]["name"] = event_name
+    with Client(target, timeout=120) as client:
+        client.json("POST", stream_path(stream), {"Content-Type": "application/json",
+                                                  "X-Producer-ID": producer_id(stream)}, json.dumps(envelope).encode())
+
+
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 CONNECTION_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 
 
-class ClientConnection:
+class RawConnection:
     """One keep-alive socket, its session, the request in flight and the answer read so far."""
 
     def __init__(self, target, spec, stats):
-        self.target = target
-        self.stats = stats
+        self.target, self.stats = target, stats
+        self.interval = spec.get("interval")   # seconds from one request's due time to the next's
+        self.due = 0.0
+        self.linger = spec.get("linger", False)   # goes on after the window until its session ends
         self.session = SESSIONS[spec["role"]](target, spec, stats)
         self.request, self.is_ack = next(self.session)
         self.connect()
@@ -577,20 +500,15 @@ class ClientConnection:
 
     def take_answer(self, data):
         """Add received bytes; the (status, body, close) of a complete answer, or None.
-
-        Most answers arrive in one recv, so the head is parsed from scratch each
-        time rather than keeping parser state."""
+        Most answers arrive in one recv, so the head is parsed from scratch each time."""
         if self.received:
             data = self.received + data
         end = data.find(b"\r\n\r\n")
-        if end < 0:
-            self.received = data
-            return None
-        length = CONTENT_LENGTH.search(data, 0, end + 2)
-        if length is None:
+        length = CONTENT_LENGTH.search(data, 0, end + 2) if end >= 0 else None
+        if end >= 0 and length is None:
             raise ValueError("answer without Content-Length: %r" % data[:200])
-        stop = end + 4 + int(length.group(1))
-        if len(data) < stop:
+        stop = end + 4 + int(length.group(1)) if length else None
+        if stop is None or len(data) < stop:
             self.received = data
             return None
         self.received = data[stop:]
@@ -605,144 +523,291 @@ class ClientConnection:
             return False
 
 
+# Sessions ####################################################################
+# A connection is driven by a session: a generator that yields the next
+# (request bytes, is_ack) and is sent the (status, body) of the answer
+# (status None: the request failed). spec["fake"]: the baseline, whose answers
+# hold no events, gets the same request mix with made-up event IDs.
+
+def publish_session(target, spec, stats):
+    """POST envelopes round-robin over the streams (default the 16 publish streams)."""
+    streams = spec.get("streams") or [publish_stream(i) for i in range(PUBLISH_STREAMS)]
+    heads = [http_request(target, "POST", stream_path(stream), {"Content-Type": "application/json",
+                          "X-Producer-ID": producer_id(stream)}, envelope_bytes(0))[:-ENVELOPE_SIZE]
+             for stream in streams]
+    index, total = spec["index"], spec["total"]
+    for count in itertools.count():
+        yield heads[(index + count * total) % len(heads)] + envelope_bytes(
+            index * 100_000_000 + count % 100_000_000), False
+
+
+def repeat_read_session(target, spec, stats):
+    """GET the same first events again and again: this consumer never acknowledges."""
+    request = http_request(target, "GET", read_path(READ_STREAM, READ_LIMIT), {"X-Consumer-ID": spec["consumer"]})
+    while True:
+        yield request, False
+
+
+EVENT_ID = re.compile(rb'"eventId":"([0-9a-f-]{36})"')
+
+
+def consumer_session(target, spec, stats):
+    """Read, acknowledge each event read, in order. consume: limit=100, a new consumer ID when the
+    stream runs dry; tail: read again (the stream is being published to)."""
+    stream, tail = spec["stream"], spec["role"] == "tail"
+    fake_ids = [str(uuid.uuid4()).encode()] * CONSUME_LIMIT
+    owed = 0.0   # the baseline of tail: acknowledgements per read as many as the server's consumers made
+    for generation in itertools.count():
+        consumer = "%s-%d" % (spec["consumer"], generation)
+        read_request = http_request(target, "GET", read_path(stream, CONSUME_LIMIT), {"X-Consumer-ID": consumer})
+        ack_head, ack_tail = ack_request(target, stream, consumer)
+        while True:
+            status, body = yield read_request, False
+            stats.count("reads")
+            if status != 200:
+                continue
+            if spec["fake"]:
+                owed += spec.get("acks_per_read", CONSUME_LIMIT)
+                event_ids, owed = fake_ids[:int(owed)], owed - int(owed)
+            else:
+                event_ids = EVENT_ID.findall(body)
+            if not event_ids and not tail:
+                break
+            for event_id in event_ids:
+                status, body = yield ack_head + event_id + ack_tail, True
+                if status != 200:
+                    break
+        stats.count("restarts")
+
+
+def spread_session(target, spec, stats):
+    """limit=10 reads for every spread consumer, in this connection's own random order."""
+    head, tail = http_request(target, "GET", read_path(SPREAD_STREAM, READ_LIMIT), {"X-Consumer-ID": "\0"}).split(b"\0")
+    order = list(range(spec["consumers"]))
+    random.Random(spec["index"]).shuffle(order)
+    while True:
+        for index in order:
+            yield head + spread_consumer(index).encode() + tail, False
+
+
+def newcomer_session(target, spec, stats):
+    """This connection's share of spec["consumers"] distinct consumers: each reads one event and
+    acknowledges it; the session ends when all have."""
+    for number in range(spec["index"], spec["consumers"], spec["total"]):
+        consumer = "bench-newcomer-%06d" % number
+        status, body = yield http_request(target, "GET", read_path(spec["stream"], 1),
+                                          {"X-Consumer-ID": consumer}), False
+        ack_head, ack_tail = ack_request(target, spec["stream"], consumer)
+        for event_id in EVENT_ID.findall(body or b""):
+            yield ack_head + event_id + ack_tail, True
+        stats.count("consumers")
+
+
+def waiter_session(target, spec, stats):
+    """A long-poll read of an event name nobody publishes, again when it times out, until an event
+    of that name (published after the window) releases it."""
+    path = read_path(publish_stream(spec["index"] % PUBLISH_STREAMS), 1, spec["name"], WAITERS_WAIT)
+    request = http_request(target, "GET", path, {"X-Consumer-ID": "bench-waiter-%03d" % spec["index"]})
+    while True:
+        sent = time.monotonic()
+        status, body = yield request, False
+        if status != 200:
+            return   # the error is counted; reading again would make it a busy loop
+        if body.strip() != b"[]":
+            stats.count("released", anytime=True)
+            return
+        stats.count("timed_out" if time.monotonic() - sent >= WAITERS_WAIT - 1 else "early", anytime=True)
+
+
+SESSIONS = {"tail": consumer_session, "publish": publish_session, "repeat-read": repeat_read_session,
+            "consume": consumer_session, "spread": spread_session, "newcomer": newcomer_session,
+            "waiter": waiter_session}   # in the order of the rows of one scenario
+
+
+# Load client #################################################################
+# Each worker process runs a selectors loop over its keep-alive connections.
+
 class RoleStats:
-    """What the connections of one role (publish, read, consume) did in the measured window."""
+    """What the connections of one role (publish, consume, ...) did in the measured window."""
 
     def __init__(self):
-        self.requests = 0
-        self.events = 0
+        self.requests = self.events = 0
         self.latencies = array.array("d")
-        self.errors = {}
-        self.samples = []
-        self.consumer_restarts = 0
+        self.errors, self.samples, self.counts = {}, [], {}   # counts: what the sessions counted
+        self.in_window = False
 
     def error(self, kind, detail):
         self.errors[kind] = self.errors.get(kind, 0) + 1
         if len(self.samples) < 5:
             self.samples.append("%s: %s" % (kind, detail[:300]))
 
-    def as_dict(self):
+    def count(self, what, anytime=False):
+        if self.in_window or anytime:
+            self.counts[what] = self.counts.get(what, 0) + 1
+
+    def report(self):
         return {"requests": self.requests, "events": self.events, "latencies": self.latencies.tobytes(),
-                "errors": self.errors, "samples": self.samples,
-                "consumer_restarts": self.consumer_restarts}
+                "errors": self.errors, "samples": self.samples, "counts": self.counts}
 
 
 def client_worker(target, specs, duration, ready, start, start_time, results):
-    """One load-client process: connect, wait for the common start, drive until the window closes."""
+    """One load-client process: connect, wait for the common start, drive until the window closes
+    (and the lingering sessions end), report."""
     stats = {}
     try:
-        connections = []
-        for spec in specs:
-            role_stats = stats.setdefault(spec["role"], RoleStats())
-            connections.append(ClientConnection(target, spec, role_stats))
+        connections = [RawConnection(target, spec, stats.setdefault(spec["role"], RoleStats())) for spec in specs]
     except Exception as error:
         ready.put("connect failed: %r" % error)
         return
     ready.put("ok")
     start.wait()
-    window_start = start_time.value
-    window_end = window_start + duration
+    loop = Loop(start_time.value, start_time.value + duration, stats)
     cpu_start = None   # CPU time of this process when the measured window opens
-    selector = selectors.DefaultSelector()
-    monotonic = time.monotonic
     try:
         for connection in connections:
-            selector.register(connection.sock, selectors.EVENT_READ, connection)
-            connection.send(monotonic())
-        while True:
-            now = monotonic()
-            if now >= window_end:
-                break
-            if cpu_start is None and now >= window_start:
+            loop.selector.register(connection.sock, selectors.EVENT_READ, connection)
+            connection.send(time.monotonic())
+        loop.live = len(connections)
+        while loop.live:
+            now = time.monotonic()
+            if cpu_start is None and now >= loop.window_start:
                 cpu_start = time.process_time()
-            for key, _ in selector.select(min(0.1, window_end - now)):
-                drive(key.data, selector, window_start, window_end)
+                loop.open_window(True)
+            if now >= loop.window_end and loop.close_window(connections, now):
+                break
+            loop.send_due(now)
+            for key, _ in loop.selector.select(loop.timeout(now)):
+                loop.drive(key.data)
     except Exception as error:
         results.put({"failed": "load client process: %r" % error})
         return
     cpu = time.process_time() - (cpu_start or 0.0)
     for connection in connections:
         connection.sock.close()
-    results.put({"roles": {role: s.as_dict() for role, s in stats.items()}, "cpu": cpu})
+    results.put({"roles": {role: s.report() for role, s in stats.items()}, "cpu": cpu})
 
 
-def drive(connection, selector, window_start, window_end):
-    """Read what arrived; on a complete answer, record it and send the next request."""
-    try:
-        data = connection.sock.recv(262144)
-        if not data:
-            raise ConnectionError("server closed the connection")
-        answer = connection.take_answer(data)
-    except (OSError, ValueError) as error:
-        if reconnect(connection, selector, repr(error)) and connection.advance(None, b""):
-            send_next(connection, selector, time.monotonic())
-        return
-    if answer is None:
-        return
-    status, body, close_after = answer
-    now = time.monotonic()
-    stats = connection.stats
-    if window_start <= now <= window_end:
-        stats.requests += 1
-        stats.latencies.append(now - connection.sent_at)
-        if connection.is_ack and status == 200:
-            stats.events += 1
-    if status != 200:
-        stats.error(str(status), body.decode("utf-8", "replace"))
-    if close_after and not reconnect(connection, selector, None):
-        return
-    if connection.advance(status, body):
-        send_next(connection, selector, now)
-    else:
-        selector.unregister(connection.sock)
+class Loop:
+    """The selectors loop of one worker: answers in, next requests out, paced sends on a heap."""
 
+    def __init__(self, window_start, window_end, stats):
+        self.selector = selectors.DefaultSelector()
+        self.window_start, self.window_end, self.stats = window_start, window_end, stats
+        self.due = []   # (time, sequence, connection) of paced sends
+        self.sequence = itertools.count()
+        self.live = 0   # connections whose session goes on
+        self.closed = False
 
-def send_next(connection, selector, now):
-    try:
-        connection.send(now)
-    except OSError as error:
-        if reconnect(connection, selector, repr(error)) and connection.advance(None, b""):
-            connection.send(time.monotonic())
+    def open_window(self, is_open):
+        for role_stats in self.stats.values():
+            role_stats.in_window = is_open
 
+    def timeout(self, now):
+        until = self.window_end - now if now < self.window_end else self.window_end + LINGER_S - now
+        return max(0.0, min(0.1, until, self.due[0][0] - now if self.due else 0.1))
 
-def reconnect(connection, selector, error):
-    """A new socket after the server closed one; False (connection given up) when that fails.
+    def close_window(self, connections, now):
+        """At the window's end, stop every connection but the lingering ones; True when all are done."""
+        if not self.closed:
+            self.closed, self.due = True, []
+            self.open_window(False)
+            for connection in connections:
+                if not connection.linger:
+                    self.end(connection)
+        return self.live == 0 or now >= self.window_end + LINGER_S
 
-    An error fails the request in flight; the session is told with status None."""
-    selector.unregister(connection.sock)
-    connection.sock.close()
-    if error:
-        connection.stats.error("connection", error)
-        time.sleep(0.01)
-    try:
-        connection.connect()
-    except OSError as connect_error:
-        connection.stats.error("connection", "reconnect failed, connection given up: %r" % connect_error)
-        return False
-    selector.register(connection.sock, selectors.EVENT_READ, connection)
-    return True
+    def end(self, connection):
+        if connection.sock.fileno() >= 0:
+            self.selector.unregister(connection.sock)
+            connection.sock.close()
+            self.live -= 1
+
+    def send_due(self, now):
+        while self.due and self.due[0][0] <= now:
+            self.send(heapq.heappop(self.due)[2], now)
+
+    def drive(self, connection):
+        """Read what arrived; on a complete answer, record it and send the next request."""
+        try:
+            data = connection.sock.recv(262144)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            answer = connection.take_answer(data)
+        except (OSError, ValueError) as error:
+            if self.reconnect(connection, repr(error)):
+                self.next(connection, None, b"", time.monotonic())
+            return
+        if answer is None:
+            return
+        status, body, close_after = answer
+        now, stats = time.monotonic(), connection.stats
+        if self.window_start <= now <= self.window_end:
+            stats.requests += 1
+            stats.latencies.append(now - connection.sent_at)
+            stats.events += connection.is_ack and status == 200
+        if status != 200:
+            stats.error(str(status), body.decode("utf-8", "replace"))
+        if not close_after or self.reconnect(connection, None):
+            self.next(connection, status, body, now)
+
+    def next(self, connection, status, body, now):
+        if not connection.advance(status, body):
+            self.end(connection)
+        elif connection.interval and not self.closed:   # a fixed rate; when far behind, start again
+            due = connection.due + connection.interval
+            connection.due = due if now - due < 10 * connection.interval else now
+            heapq.heappush(self.due, (connection.due, next(self.sequence), connection))
+        else:
+            self.send(connection, now)
+
+    def send(self, connection, now):
+        try:
+            connection.send(now)
+        except OSError as error:   # one more try on a new socket; a second failure ends the worker
+            if self.reconnect(connection, repr(error)):
+                if connection.advance(None, b""):
+                    connection.send(time.monotonic())
+                else:
+                    self.end(connection)
+
+    def reconnect(self, connection, error):
+        """A new socket after the server closed one; False (connection given up) when that fails.
+        An error fails the request in flight; the session is told with status None."""
+        self.selector.unregister(connection.sock)
+        connection.sock.close()
+        if error:
+            connection.stats.error("connection", error)
+            time.sleep(0.01)
+        try:
+            connection.connect()
+        except OSError as connect_error:
+            connection.stats.error("connection", "reconnect failed, connection given up: %r" % connect_error)
+            self.live -= 1
+            return False
+        self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+        return True
 
 
 def percentile(sorted_values, fraction):
     """Nearest-rank percentile."""
-    if not sorted_values:
-        return None
-    return sorted_values[max(0, math.ceil(fraction * len(sorted_values)) - 1)]
+    return sorted_values[max(0, math.ceil(fraction * len(sorted_values)) - 1)] if sorted_values else None
 
 
-def run_load(service, specs, args, meter=None):
-    """Drive `service` with one connection per spec; figures per role, plus server RSS and CPU."""
-    processes = args.client_procs or min(len(specs), os.cpu_count() or 1)
-    processes = max(1, min(processes, len(specs)))
-    groups = [specs[i::processes] for i in range(processes)]
+def run_load(service, specs, args, meter=None, after_window=None, duration=None):
+    """Drive `service` with one connection per spec; figures per role, plus server RSS and CPU.
+    after_window() runs once the window has closed, while lingering sessions go on. With an
+    infinite duration, the run lasts until every session has ended."""
+    duration = args.duration if duration is None else duration
+    processes = max(1, min(args.client_procs or os.cpu_count() or 1, len(specs)))
     context = multiprocessing.get_context("fork")
     ready, results, start = context.Queue(), context.Queue(), context.Event()
     start_time = context.Value("d", 0.0)   # time.monotonic() of the measured window's start
-    workers = [context.Process(target=client_worker, args=(service.target, group, args.duration, ready,
+    workers = [context.Process(target=client_worker, args=(service.target, specs[i::processes], duration, ready,
                                                            start, start_time, results), daemon=True)
-               for group in groups]
+               for i in range(processes)]
     for worker in workers:
         worker.start()
+    after = None
     try:
         for _ in workers:
             message = ready.get(timeout=60)
@@ -750,17 +815,22 @@ def run_load(service, specs, args, meter=None):
                 raise BenchError("load client: %s" % message)
         if meter:
             meter.start()
-        begin = time.monotonic()
-        start_time.value = begin + args.warmup
+        start_time.value = time.monotonic() + args.warmup
         start.set()
         time.sleep(args.warmup)
         if meter:
             meter.mark_cpu()
-        time.sleep(max(0.0, start_time.value + args.duration - time.monotonic()))
-        rss_mb, server_cpu = meter.stop() if meter else (None, None)
-        reports = [results.get(timeout=60) for _ in workers]
+        if math.isfinite(duration):
+            time.sleep(max(0.0, start_time.value + duration - time.monotonic()))
+            peak_mb, server_cpu = meter.stop() if meter else (None, None)
+            after = after_window() if after_window else None
+            reports = [results.get(timeout=60 + LINGER_S) for _ in workers]
+        else:
+            reports = [results.get(timeout=3600) for _ in workers]
+            duration = time.monotonic() - start_time.value
+            peak_mb, server_cpu = meter.stop() if meter else (None, None)
     except queue.Empty:
-        raise BenchError("a load-client process did not report within 60 s") from None
+        raise BenchError("a load-client process did not report in time") from None
     finally:
         for worker in workers:
             worker.join(5)
@@ -769,39 +839,40 @@ def run_load(service, specs, args, meter=None):
     failures = [report["failed"] for report in reports if "failed" in report]
     if failures:
         raise BenchError(failures[0])
-    return merge_reports(reports, args.duration, rss_mb, server_cpu)
-
-
-def merge_reports(reports, duration, rss_mb, server_cpu):
     roles = {}
     for report in reports:
         for role, data in report["roles"].items():
             merged = roles.setdefault(role, {"requests": 0, "events": 0, "latencies": array.array("d"),
-                                             "errors": {}, "samples": [], "restarts": 0})
+                                             "errors": {}, "samples": [], "counts": {}})
             merged["requests"] += data["requests"]
             merged["events"] += data["events"]
             merged["latencies"].frombytes(data["latencies"])
-            for kind, count in data["errors"].items():
-                merged["errors"][kind] = merged["errors"].get(kind, 0) + count
+            for into, counts in ((merged["errors"], data["errors"]), (merged["counts"], data["counts"])):
+                for kind, count in counts.items():
+                    into[kind] = into.get(kind, 0) + count
             merged["samples"] += data["samples"][:5 - len(merged["samples"])]
-            merged["restarts"] += data["consumer_restarts"]
-    figures = {}
     for role, merged in roles.items():
-        latencies = sorted(merged["latencies"])
-        figures[role] = {
-            "requests": merged["requests"],
-            "requests_per_s": merged["requests"] / duration,
-            "events_per_s": merged["events"] / duration if role == "consume" else None,
-            "p50_ms": ms(percentile(latencies, 0.50)),
-            "p99_ms": ms(percentile(latencies, 0.99)),
-            "errors": merged["errors"],
-            "error_samples": merged["samples"],
-            "consumer_restarts": merged["restarts"] if role == "consume" else None,
-        }
-    client_cpu = sum(report["cpu"] for report in reports)
-    return {"roles": figures, "peak_rss_mb": rss_mb,
-            "server_cpu_percent": None if server_cpu is None else 100.0 * server_cpu / duration,
-            "client_cpu_percent": 100.0 * client_cpu / duration, "client_processes": len(reports)}
+        latencies = sorted(merged.pop("latencies"))
+        roles[role] = role_figures(duration, percentile(latencies, 0.50), percentile(latencies, 0.99), **merged)
+    figures = run_figures(roles, duration, peak_mb, server_cpu, after_window=after)
+    figures["client_cpu_percent"] = 100.0 * sum(report["cpu"] for report in reports) / duration
+    return figures
+
+
+def role_figures(duration, p50, p99, requests=0, events=0, counts=None, errors=None, samples=()):
+    """One role's figures, as both clients report them (p50 and p99 in seconds)."""
+    counts = counts or {}
+    return {"requests": requests, "requests_per_s": requests / duration, "events_per_s": events / duration,
+            "reads_per_s": counts["reads"] / duration if "reads" in counts else None, "counts": counts,
+            "p50_ms": ms(p50), "p99_ms": ms(p99), "errors": errors or {}, "error_samples": list(samples)}
+
+
+def run_figures(roles, duration, peak_mb, server_cpu, **more):
+    requests = sum(figure["requests"] for figure in roles.values())
+    return dict({"roles": roles, "peak_rss_mb": peak_mb, "duration_s": duration, "client_cpu_percent": None,
+                 "server_cpu_percent": None if server_cpu is None else 100.0 * server_cpu / duration,
+                 "server_cpu_us_per_request": round(1e6 * server_cpu / requests, 1) if server_cpu and requests
+                 else None}, **more)
 
 
 def ms(seconds):
@@ -809,79 +880,154 @@ def ms(seconds):
 
 
 # wrk client (optional) #######################################################
-# Used for publish and read with --client wrk. A Lua script builds the same
-# requests as the standard-library client.
+# A Lua script builds the same requests as the sessions above. A consumer
+# keeps its state in the Lua globals of its wrk thread, so consume and tail run
+# one connection per thread; done() prints what the threads counted.
 
 WRK_LUA = r"""
-local auth = "%(auth)s"
+local auth, role, fake = "%(auth)s", "%(role)s", %(fake)s
 local streams = {%(streams)s}
-local prefix = [==[%(prefix)s]==]
-local suffix = [==[%(suffix)s]==]
-local role = "%(role)s"
-local read_path = "%(read_path)s"
-local counter = 0
+local prefix, suffix = [==[%(prefix)s]==], [==[%(suffix)s]==]
+local read_path, ack_prefix, base_consumer = "%(read_path)s", "%(ack_prefix)s", "%(consumer)s"
+local spread_consumers, interval, acks_per_read = %(spread_consumers)d, %(interval_ms)f, %(acks_per_read)f
+local threads, counter, generation, acks, order, position, acking, owed = {}, 0, 0, {}, nil, 0, false, 0
+reads, events, restarts = 0, 0, 0
+setup = function(thread)
+  thread:set("number", #threads)
+  table.insert(threads, thread)
+end
+local function consumer() return base_consumer .. "-" .. number .. "-" .. generation end
 request = function()
   counter = counter + 1
-  if role == "read" then
-    return wrk.format("GET", read_path, {["Authorization"] = auth, ["X-Consumer-ID"] = "bench-wrk-reader"})
+  if role == "publish" then
+    local stream = streams[(counter %% #streams) + 1]
+    return wrk.format("POST", "/api/v1/streams/" .. stream .. "/events",
+      {["Authorization"] = auth, ["Content-Type"] = "application/json",
+       ["X-Producer-ID"] = "bench-producer-" .. stream},
+      prefix .. string.format("%%010d", (number * 100000000 + counter) %% 10000000000) .. suffix)
+  elseif role == "repeat-read" then
+    return wrk.format("GET", read_path, {["Authorization"] = auth, ["X-Consumer-ID"] = base_consumer})
+  elseif role == "spread" then
+    if order == nil or position == #order then   -- this thread's own random order of the consumers
+      math.randomseed(1000 + number)
+      order, position = {}, 0
+      for i = 1, spread_consumers do order[i] = i - 1 end
+      for i = #order, 2, -1 do local j = math.random(i); order[i], order[j] = order[j], order[i] end
+    end
+    position = position + 1
+    return wrk.format("GET", read_path, {["Authorization"] = auth,
+      ["X-Consumer-ID"] = string.format("bench-spread-%%05d", order[position])})
   end
-  local stream = streams[(counter %% #streams) + 1]
-  local body = prefix .. string.format("%%010d", counter %% 10000000000) .. suffix
-  return wrk.format("POST", "/api/v1/streams/" .. stream .. "/events",
-    {["Authorization"] = auth, ["Content-Type"] = "application/json",
-     ["X-Producer-ID"] = "bench-producer-" .. stream}, body)
+  acking = #acks > 0
+  if acking then
+    return wrk.format("POST", ack_prefix .. table.remove(acks, 1), {["Authorization"] = auth,
+      ["X-Consumer-ID"] = consumer(), ["Content-Type"] = "application/x-www-form-urlencoded"}, "action=ACK")
+  end
+  return wrk.format("GET", read_path, {["Authorization"] = auth, ["X-Consumer-ID"] = consumer()})
+end
+if role == "consume" or role == "tail" then
+  response = function(status, headers, body)
+    if acking then
+      if status == 200 then events = events + 1 else acks = {} end
+      return
+    end
+    reads = reads + 1
+    if status ~= 200 then return end
+    if fake then
+      owed = owed + acks_per_read
+      for i = 1, math.floor(owed) do acks[i] = "00000000-0000-4000-8000-000000000000" end
+      owed = owed - math.floor(owed)
+    else
+      for id in string.gmatch(body, '"eventId":"([%%x%%-]+)"') do acks[#acks + 1] = id end
+    end
+    if #acks == 0 and role == "consume" then generation, restarts = generation + 1, restarts + 1 end
+  end
+end
+if interval > 0 then   -- a fixed rate: each request due interval ms after the one before
+  local ffi = require("ffi")
+  ffi.cdef("typedef struct { long sec; long nsec; } bench_time; int clock_gettime(int, bench_time *);")
+  local clock, due = ffi.new("bench_time"), nil
+  delay = function()
+    ffi.C.clock_gettime(1, clock)
+    local at = tonumber(clock.sec) * 1e3 + tonumber(clock.nsec) / 1e6
+    due = (due and at - due < 9 * interval) and due + interval or at
+    return math.max(0, math.floor(due - at))
+  end
+end
+done = function(summary, latency, requests)
+  local r, e, x = 0, 0, 0
+  for _, thread in ipairs(threads) do
+    r, e, x = r + thread:get("reads"), e + thread:get("events"), x + thread:get("restarts")
+  end
+  io.write(string.format("BENCH reads=%%d events=%%d restarts=%%d\n", r, e, x))
 end
 """
 
 
-def run_wrk(service, role, connections, args, workdir, meter=None):
-    script = os.path.join(workdir, "bench-%s.lua" % role)
-    read_path = "%s?eventName=%s&limit=%d" % (stream_path(READ_STREAM), EVENT_NAME, READ_LIMIT)
+def wrk_starter(service, spec, connections, workdir, fake):
+    """A function(seconds) that starts wrk for one role (its first spec) at this many connections."""
+    role = spec["role"]
+    script = os.path.join(workdir, "bench-%s-%s.lua" % (role, uuid.uuid4().hex[:8]))
+    stream = spec.get("stream", READ_STREAM)
+    path = read_path(SPREAD_STREAM if role == "spread" else stream,
+                     READ_LIMIT if role in ("repeat-read", "spread") else CONSUME_LIMIT)
+    streams = spec.get("streams") or [publish_stream(i) for i in range(PUBLISH_STREAMS)]
     with open(script, "w") as f:
-        f.write(WRK_LUA % {"auth": service.target["auth"], "role": role, "read_path": read_path,
-                           "streams": ", ".join('"%s"' % publish_stream(i) for i in range(PUBLISH_STREAMS)),
-                           "prefix": ENVELOPE_PREFIX.decode(), "suffix": ENVELOPE_SUFFIX.decode()})
+        f.write(WRK_LUA % {
+            "auth": service.target["auth"], "role": role, "fake": "true" if fake else "false",
+            "streams": ", ".join('"%s"' % s for s in streams), "prefix": ENVELOPE_PREFIX.decode(),
+            "suffix": ENVELOPE_SUFFIX.decode(), "read_path": path, "ack_prefix": stream_path(stream) + "/",
+            "consumer": spec["consumer"], "spread_consumers": spec.get("consumers", 0),
+            "interval_ms": 1000 * (spec.get("interval") or 0), "acks_per_read": spec.get("acks_per_read", 100)})
     url = "http://%s:%d/" % (service.target["host"], service.target["port"])
-    threads = min(connections, os.cpu_count() or 1)
+    one_per_thread = role in ("consume", "tail") or spec.get("interval")
+    threads = connections if one_per_thread else min(connections, os.cpu_count() or 1)
+    return lambda seconds: subprocess.Popen(   # wrk takes whole seconds only
+        ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % max(1, round(seconds)), "--latency",
+         "--timeout", "30s", "-s", script, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def wrk(seconds):   # wrk takes whole seconds only
-        command = ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % max(1, round(seconds)),
-                   "--latency", "--timeout", "30s", "-s", script, url]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BenchError("wrk exited with code %d: %s" % (done.returncode, done.stderr.strip()[-300:]))
-        return done.stdout
+
+def run_wrk(service, specs, args, workdir, fake, meter=None):
+    """One wrk per role, all at once (tail: the consumers and the paced publisher); figures per role."""
+    by_role = {}   # role -> (its first spec, connections)
+    for spec in specs:
+        first, count = by_role.get(spec["role"], (spec, 0))
+        by_role[spec["role"]] = (first, count + 1)
+    starters = {role: wrk_starter(service, spec, count, workdir, fake) for role, (spec, count) in by_role.items()}
+
+    def run_all(seconds):
+        running = {role: start(seconds) for role, start in starters.items()}
+        outputs = {role: process.communicate() for role, process in running.items()}
+        for role, process in running.items():
+            if process.returncode != 0:
+                raise BenchError("wrk exited with code %d: %s" % (process.returncode, outputs[role][1][-300:]))
+        return {role: out for role, (out, _) in outputs.items()}
 
     if args.warmup:
-        wrk(args.warmup)
+        run_all(args.warmup)
     if meter:
         meter.start()
-    output = wrk(args.duration)
-    rss_mb, server_cpu = meter.stop() if meter else (None, None)
-    latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", output, re.M))
-    total = re.search(r"(\d+) requests in ([\d.]+)s", output)
-    errors = {}
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    if non_2xx:
-        errors["non-2xx"] = int(non_2xx.group(1))
-    socket_errors = re.search(r"Socket errors: (.*)", output)
-    if socket_errors:
-        errors["socket"] = socket_errors.group(1).strip()
-    requests, seconds = (int(total.group(1)), float(total.group(2))) if total else (0, args.duration)
-    return {"roles": {role: {"requests": requests, "requests_per_s": requests / seconds,
-                             "events_per_s": None, "p50_ms": wrk_ms(latency.get("50")),
-                             "p99_ms": wrk_ms(latency.get("99")), "errors": errors, "error_samples": [],
-                             "consumer_restarts": None}},
-            "peak_rss_mb": rss_mb,
-            "server_cpu_percent": None if server_cpu is None else 100.0 * server_cpu / seconds,
-            "client_cpu_percent": None, "client_processes": None}
+    outputs = run_all(args.duration)
+    peak_mb, server_cpu = meter.stop() if meter else (None, None)
+    roles, seconds = {}, args.duration
+    for role, output in outputs.items():
+        latency = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", output, re.M))
+        total = re.search(r"(\d+) requests in ([\d.]+\w+)", output)
+        requests, seconds = (int(total.group(1)), wrk_seconds(total.group(2))) if total else (0, args.duration)
+        errors = {"non-2xx": int(m) for m in re.findall(r"Non-2xx or 3xx responses: (\d+)", output)}
+        errors.update({"socket": m.strip() for m in re.findall(r"Socket errors: (.*)", output)})
+        counts = {key: int(value) for key, value in re.findall(r"(reads|events|restarts)=(\d+)", output)
+                  if role in ("consume", "tail") and (int(value) or key == "reads")}
+        roles[role] = role_figures(seconds, wrk_seconds(latency.get("50")), wrk_seconds(latency.get("99")),
+                                   requests, counts.pop("events", 0), counts, errors)
+    return run_figures(roles, seconds, peak_mb, server_cpu, client_processes=None)
 
 
-def wrk_ms(text):
+def wrk_seconds(text):
     if not text:
         return None
     number, unit = re.match(r"([\d.]+)(\w+)", text).groups()
-    return round(float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit], 3)
+    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
 
 
 # Loading data ################################################################
@@ -889,45 +1035,34 @@ def wrk_ms(text):
 def load_events(target, plan, label):
     """POST the events of `plan` [(stream, count)] in batches of 1000 on a few connections."""
     batches = queue.Queue()
-    total = 0
     for stream, count in plan:
         for first in range(0, count, LOAD_BATCH):
             batches.put((stream, first, min(LOAD_BATCH, count - first)))
-        total += count
+    total = sum(count for _, count in plan)
     progress = {"done": 0, "error": None, "next_report": 0.1}
     lock = threading.Lock()
     began = time.monotonic()
 
     def loader():
-        connection = http.client.HTTPConnection(target["host"], target["port"], timeout=300)
-        try:
-            while progress["error"] is None:
-                try:
-                    stream, first, count = batches.get_nowait()
-                except queue.Empty:
-                    return
-                connection.request("POST", stream_path(stream), body=batch_bytes(first, count), headers={
-                    "Authorization": target["auth"], "Content-Type": "application/json",
-                    "X-Producer-ID": producer_id(stream)})
-                response = connection.getresponse()
-                body = response.read()
-                if response.status != 200:
-                    raise BenchError("loading %s: %d %s" % (stream, response.status, body[:300]))
-                answer = json.loads(body)
-                if not isinstance(answer, list) or len(answer) != count:
-                    raise BenchError("loading %s: batch of %d answered %r" % (stream, count, body[:200]))
-                with lock:
-                    progress["done"] += count
-                    if total >= 100_000 and progress["done"] >= progress["next_report"] * total:
-                        progress["next_report"] += 0.1
-                        elapsed = time.monotonic() - began
-                        print("  %s: %s / %s events, %.0f events/s"
-                              % (label, f"{progress['done']:,}", f"{total:,}", progress["done"] / elapsed),
-                              flush=True)
-        except Exception as error:
-            progress["error"] = error
-        finally:
-            connection.close()
+        with Client(target) as client:
+            try:
+                while progress["error"] is None:
+                    try:
+                        stream, first, count = batches.get_nowait()
+                    except queue.Empty:
+                        return
+                    answer = client.json("POST", stream_path(stream), {"Content-Type": "application/json",
+                                         "X-Producer-ID": producer_id(stream)}, batch_bytes(first, count))
+                    if not isinstance(answer, list) or len(answer) != count:
+                        raise BenchError("loading %s: batch of %d answered %r" % (stream, count, answer))
+                    with lock:
+                        progress["done"] += count
+                        if total >= 100_000 and progress["done"] >= progress["next_report"] * total:
+                            progress["next_report"] += 0.1
+                            print("  %s: %s / %s events, %.0f events/s" % (label, f"{progress['done']:,}",
+                                  f"{total:,}", progress["done"] / (time.monotonic() - began)), flush=True)
+            except Exception as error:
+                progress["error"] = error
 
     threads = [threading.Thread(target=loader) for _ in range(LOAD_CONNECTIONS)]
     for thread in threads:
@@ -943,381 +1078,273 @@ def load_events(target, plan, label):
 
 def scale_plan(events, streams):
     """[(stream, count)]: `events` spread evenly over `streams` streams."""
-    return [(scale_stream(i), events // streams + (1 if i < events % streams else 0))
-            for i in range(streams)]
+    return [("bench-scale-%03d" % i, events // streams + (1 if i < events % streams else 0)) for i in range(streams)]
+
+
+def import_lines(events, consumers):
+    """NDJSON as export writes it, in chunks: one stream of `events` events with made-up,
+    time-ordered (UUIDv7-shaped) IDs, then `consumers` offsets at distinct random offsets
+    (seeded: every run builds the same database)."""
+    stream, name, when = SPREAD_STREAM.encode(), EVENT_NAME.encode(), FIXED_TIME.encode()
+    yield b'{"type":"stream","stream":"%s","producerId":"%s","createdAt":"%s"}\n' % (
+        stream, producer_id(SPREAD_STREAM).encode(), when)
+    line = (b'{"type":"event","stream":"' + stream + b'","eventId":"01900000-0000-7000-8000-%012x","eventName":"'
+            + name + b'","sequence":%d,"createdAt":"' + when + b'","envelope":%s}\n')
+    for first in range(1, events + 1, 1000):
+        yield b"".join(line % (n, n, envelope_bytes(n)) for n in range(first, min(first + 1000, events + 1)))
+    offsets = random.Random(14).sample(range(events - READ_LIMIT), consumers)
+    yield b"".join(b'{"type":"offset","stream":"%s","consumerId":"%s","eventName":"%s","offset":%d,"movedAt":"%s"}\n'
+                   % (stream, spread_consumer(i).encode(), name, offset, when) for i, offset in enumerate(offsets))
+
+
+def import_database(args, db_path):
+    """`eventserver.py import` of the generated spread stream into db_path: its time and peak RSS."""
+    print("  importing %s events and %s consumer offsets into %s ..." % (
+        f"{args.events:,}", f"{args.spread_consumers:,}", db_path), flush=True)
+    began = time.monotonic()
+    process = subprocess.Popen([sys.executable, args.server, "import", "--db", db_path], stdin=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        for chunk in import_lines(args.events, args.spread_consumers):
+            process.stdin.write(chunk)
+        process.stdin.close()
+    except BrokenPipeError:
+        pass   # the import stopped reading: its exit code and stderr say why
+    error = process.stderr.read().decode("utf-8", "replace")
+    _, status, usage = os.wait4(process.pid, 0)   # wait4: this child's own peak RSS
+    process.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+    if process.returncode != 0:
+        raise BenchError("import exited with code %s: %s" % (process.returncode, error.strip()[-300:]))
+    seconds = time.monotonic() - began
+    figures = {"events": args.events, "consumers": args.spread_consumers, "seconds": round(seconds, 1),
+               "events_per_s": round(args.events / seconds), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    print("  ... %.1f s, %s events/s, peak RSS %.1f MB" % (seconds, f"{figures['events_per_s']:,}",
+                                                           figures["peak_rss_mb"]), flush=True)
+    return figures
 
 
 # Scenarios ###################################################################
 
-def scenario_specs(scenario, connections, fake, tag):
+def scenario_specs(scenario, connections, fake, tag, args, stream=None):
     """One spec per connection: its role and what its session needs."""
-    if scenario == "mixed":
-        roles = ["publish"] * MIXED_PUBLISHERS + ["consume"] * MIXED_CONSUMERS
-    else:
-        roles = [scenario] * connections
+    roles = {"mixed": ["publish"] * MIXED_PUBLISHERS + ["consume"] * MIXED_CONSUMERS,
+             "tail": ["tail"] * connections + ["publish"]}.get(scenario, [scenario] * connections)
     specs, per_role = [], {}
     for role in roles:
-        index = per_role.get(role, 0)
-        per_role[role] = index + 1
-        specs.append({"role": role, "index": index, "fake": fake,
-                      "consumer": "bench-%s-%s-%d" % (role, tag, index)})
+        index = per_role[role] = per_role.get(role, -1) + 1
+        spec = {"role": role, "index": index, "fake": fake, "consumer": "bench-%s-%s-%d" % (role, tag, index),
+                "stream": stream or READ_STREAM, "consumers": args.spread_consumers}
+        if scenario == "tail" and role == "publish":
+            spec.update(streams=[stream], interval=1.0 / args.tail_rate)
+        specs.append(spec)
     for spec in specs:
-        spec["total"] = per_role[spec["role"]]
-    # Interleave roles so each client process gets a share of both in the mixed scenario.
+        spec["total"] = per_role[spec["role"]] + 1
+    # Interleave roles so each client process gets a share of each in mixed and tail.
     return sorted(specs, key=lambda spec: (spec["index"], spec["role"]))
 
 
-def run_pair(scenario, connections, phase, server, baseline, args, workdir, results):
-    """Baseline then server, same client and request shapes, --repeat times; one row per role.
-
-    With repeats, each row is the repeat with the median ratio; all ratios go to the JSON."""
-    use_wrk = args.client == "wrk" and scenario in ("publish", "read")
+def run_pair(scenario, connections, phase, servers, baseline, args, workdir, results):
+    """The baseline, then each server, in turns (the first server of a turn rotates), --repeat times,
+    same client and request shapes; one row per server and role. With repeats, each row is the repeat
+    with the median ratio; all ratios go to the JSON."""
+    use_wrk = args.client == "wrk" and scenario != "mixed"
     repeats = []
-    for _ in range(args.repeat):
+    for repeat in range(args.repeat):
+        turn = servers[repeat % len(servers):] + servers[:repeat % len(servers)]
+        # tail: the servers first, so that the baseline's consumers acknowledge as many events per read
+        order = turn + [("baseline", baseline)] if scenario == "tail" else [("baseline", baseline)] + turn
         figures = {}
-        for name, service in (("baseline", baseline), ("server", server)):
-            meter = ProcessMeter(service.pid)
+        for name, service in order:
             tag = "%s%d-%s" % (phase, connections, uuid.uuid4().hex[:8])
-            if use_wrk:
-                figures[name] = run_wrk(service, scenario, connections, args, workdir, meter)
-            else:
-                specs = scenario_specs(scenario, connections, name == "baseline", tag)
-                figures[name] = run_load(service, specs, args, meter)
+            stream = "bench-tail-" + tag if scenario == "tail" else None
+            if stream:   # a fresh stream per run, so that its consumers start at its end
+                publish_one(service.target, stream)
+            specs = scenario_specs(scenario, connections, name == "baseline", tag, args, stream)
+            if name == "baseline" and scenario == "tail":
+                served = figures[turn[0][0]]["roles"]["tail"]
+                for spec in specs:
+                    spec["acks_per_read"] = served["events_per_s"] / (served["reads_per_s"] or 1)
+            meter = ProcessMeter(service.pid)
+            figures[name] = run_wrk(service, specs, args, workdir, name == "baseline", meter) if use_wrk \
+                else run_load(service, specs, args, meter)
+            if stream and name != "baseline":   # did the consumers keep up?
+                with Client(service.target) as client:
+                    consumers = client.json("GET", "/api/v1/consumers/%s" % stream)
+                figures[name]["behind"] = max((c["behind"] for c in consumers), default=None)
         repeats.append(figures)
-    for role in sorted(repeats[0]["server"]["roles"], key=("publish", "read", "consume").index):
-        rows = sorted((pair_row(scenario, connections, phase, role, figures, use_wrk) for figures in repeats),
-                      key=lambda row: row["ratio"] or 0)
-        row = rows[(len(rows) - 1) // 2]
-        peaks = [r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None]
-        row["peak_rss_mb"] = max(peaks) if peaks else None
-        if len(rows) > 1:
-            row["repeat_ratios"] = [r["ratio"] for r in rows]
-            row["repeat_server_throughputs"] = [round(r["server_throughput"]) for r in rows]
-        results.append(row)
-        print_row(row)
-        for sample in row["server"]["error_samples"][:3]:
-            print("      server error: %s" % sample, flush=True)
-        for sample in row["baseline"].get("error_samples", [])[:3]:
-            print("      baseline error: %s" % sample, flush=True)
+    for build, _ in servers:
+        for role in sorted(repeats[0][build]["roles"], key=list(SESSIONS).index):
+            rows = sorted((pair_row(scenario, connections, phase, role, figures[build], figures["baseline"],
+                                    use_wrk) for figures in repeats), key=lambda row: row["ratio"] or 0)
+            row = rows[(len(rows) - 1) // 2]
+            row["peak_rss_mb"] = max((r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None), default=None)
+            row["build"] = build if len(servers) > 1 else None
+            if len(rows) > 1:
+                row["repeat_ratios"] = [r["ratio"] for r in rows]
+                row["repeat_server_throughputs"] = [round(r["server_throughput"]) for r in rows]
+            results.append(row)
+            print_row(row)
+            for which in ("server", "baseline"):
+                for sample in row[which].get("error_samples", [])[:3]:
+                    print("      %s error: %s" % (which, sample), flush=True)
 
 
-def pair_row(scenario, connections, phase, role, figures, use_wrk):
-    served = figures["server"]["roles"][role]
-    base = figures["baseline"]["roles"].get(role, {})
+def pair_row(scenario, connections, phase, role, server_figures, baseline_figures, use_wrk):
+    served = server_figures["roles"][role]
+    base = baseline_figures["roles"].get(role, {})
+    if scenario == "spread":   # every spread read answers limit events: offsets stop short of the end
+        served = dict(served, events_per_s=READ_LIMIT * served["requests_per_s"])
+    # consume: events/s against the baseline's requests/s of the same mix
     throughput = served["events_per_s"] if role == "consume" else served["requests_per_s"]
     base_rps = base.get("requests_per_s") or 0
     return {
-        "scenario": scenario if scenario != "mixed" else "mixed:" + role,
-        "phase": phase,
-        "connections": connections if scenario != "mixed" else (
-            MIXED_PUBLISHERS if role == "publish" else MIXED_CONSUMERS),
-        "unit": "events/s" if role == "consume" else "requests/s",
-        "server": served,
-        "baseline": base,
-        "ratio": round(throughput / base_rps, 3) if base_rps else None,
-        "server_throughput": throughput,
-        "peak_rss_mb": figures["server"]["peak_rss_mb"],
-        "server_cpu_percent": figures["server"]["server_cpu_percent"],
-        "client_cpu_percent": figures["server"]["client_cpu_percent"],
-        "baseline_cpu_percent": figures["baseline"]["server_cpu_percent"],
-        "baseline_client_cpu_percent": figures["baseline"]["client_cpu_percent"],
-        "client_processes": figures["server"]["client_processes"],
+        "scenario": scenario if scenario == role else "%s:%s" % (scenario, role), "phase": phase,
+        "connections": {"mixed": MIXED_PUBLISHERS if role == "publish" else MIXED_CONSUMERS,
+                        "tail": 1 if role == "publish" else connections}.get(scenario, connections),
+        "unit": "events/s" if role == "consume" else "requests/s", "server": served, "baseline": base,
+        "ratio": round(throughput / base_rps, 3) if base_rps else None, "server_throughput": throughput,
+        "behind": server_figures.get("behind") if role == "tail" else None,
         "client": "wrk" if use_wrk else "stdlib",
+        **{key: server_figures[key] for key in ("peak_rss_mb", "server_cpu_percent", "server_cpu_us_per_request",
+                                                   "client_cpu_percent")},
+        **{"baseline_" + key: baseline_figures[key] for key in ("server_cpu_percent", "server_cpu_us_per_request")},
     }
 
 
-# Long-poll waiters ###########################################################
-# The waiters scenario: publish throughput with and without long-poll reads
-# held open. The waiters live in their own process, driven over a pipe:
-# ("hold", name) connects and sends the reads, ("release",) stops re-reading,
-# waits for the answers the releasing events cause, disconnects and reports.
-
-class WaiterConnection(ClientConnection):
-    """A keep-alive socket that sends one long-poll read again and again (no session)."""
-
-    def __init__(self, target, request):
-        self.target = target
-        self.request = request
-        self.connect()
-
-
-def waiter_requests(target, count, event_name):
-    """The read each waiter sends: spread over the publish streams, one consumer ID each."""
-    requests = []
-    for index in range(count):
-        path = "%s?eventName=%s&limit=1&wait=%d" % (stream_path(publish_stream(index % PUBLISH_STREAMS)),
-                                                    urllib.parse.quote(event_name, safe=""), WAITERS_WAIT)
-        requests.append(http_request(target, "GET", path, {"X-Consumer-ID": "bench-waiter-%03d" % index}))
-    return requests
-
-
-def waiter_worker(target, count, pipe):
-    """The waiters' process: obeys hold / release / stop on the pipe."""
+def run_spread(args, workdir, baseline, user, password, results, problems, memory):
+    """Import the spread stream, serve it from a second server, run spread, and, for memory,
+    the server's RSS after --memory-consumers distinct consumers."""
+    db_path = os.path.abspath(args.spread_db) if args.spread_db else os.path.join(workdir, "spread.db")
+    if not os.path.exists(db_path):
+        memory["import"] = import_database(args, db_path)
+    server = start_server(args, db_path, workdir, user, password, "spread-server")
     try:
-        while True:
-            command = pipe.recv()
-            if command[0] == "stop":
-                return
-            if command[0] == "hold":
-                pipe.send(("released", hold_waiters(target, count, command[1], pipe)))
-    except (EOFError, KeyboardInterrupt):
-        return
-
-
-def hold_waiters(target, count, event_name, pipe):
-    """Connect `count` waiters and keep their reads waiting until told to release; their figures."""
-    stats = {"connected": 0, "reads": 0, "timed_out": 0, "early": 0, "released": 0, "unanswered": 0,
-             "errors": {}, "samples": [], "shortest_wait_s": None}
-
-    def error(kind, detail):
-        stats["errors"][kind] = stats["errors"].get(kind, 0) + 1
-        if len(stats["samples"]) < 5:
-            stats["samples"].append("%s: %s" % (kind, detail[:300]))
-
-    selector = selectors.DefaultSelector()
-    connections = []
-    try:
-        for request in waiter_requests(target, count, event_name):
-            try:
-                connection = WaiterConnection(target, request)
-            except OSError as failure:
-                error("connect", repr(failure))
-                continue
-            connections.append(connection)
-            selector.register(connection.sock, selectors.EVENT_READ, connection)
-            connection.send(time.monotonic())
-            stats["reads"] += 1
-        stats["connected"] = len(connections)
-        pipe.send(("held", stats["connected"]))
-        selector.register(pipe.fileno(), selectors.EVENT_READ, None)
-        pending = set(connections)
-        release_deadline = None
-        while pending:
-            timeout = 1.0 if release_deadline is None else release_deadline - time.monotonic()
-            if release_deadline is not None and timeout <= 0:
-                break
-            for key, _ in selector.select(timeout):
-                connection = key.data
-                if connection is None:   # the pipe: release
-                    pipe.recv()
-                    selector.unregister(pipe.fileno())
-                    release_deadline = time.monotonic() + 15.0
-                    continue
-                try:
-                    data = connection.sock.recv(65536)
-                    if not data:
-                        raise ConnectionError("server closed the connection")
-                    answer = connection.take_answer(data)
-                except (OSError, ValueError) as failure:
-                    error("connection", repr(failure))
-                    selector.unregister(connection.sock)
-                    pending.discard(connection)
-                    continue
-                if answer is None:
-                    continue
-                status, body, close_after = answer
-                waited = time.monotonic() - connection.sent_at
-                if status != 200:
-                    error(str(status), body.decode("utf-8", "replace"))
-                    selector.unregister(connection.sock)
-                    pending.discard(connection)   # not read again: an error must not become a busy loop
-                    continue
-                if body.strip() != b"[]":
-                    stats["released"] += 1
-                    if release_deadline is None:
-                        error("event", "an event arrived before the release: %s" % body[:200])
-                    selector.unregister(connection.sock)
-                    pending.discard(connection)
-                    continue
-                if stats["shortest_wait_s"] is None or waited < stats["shortest_wait_s"]:
-                    stats["shortest_wait_s"] = round(waited, 3)
-                if waited >= WAITERS_WAIT - 1:
-                    stats["timed_out"] += 1
-                else:
-                    stats["early"] += 1
-                if release_deadline is not None:
-                    selector.unregister(connection.sock)
-                    pending.discard(connection)
-                    continue
-                if close_after:
-                    selector.unregister(connection.sock)
-                    connection.sock.close()
-                    connection.connect()
-                    selector.register(connection.sock, selectors.EVENT_READ, connection)
-                connection.send(time.monotonic())
-                stats["reads"] += 1
-        stats["unanswered"] = len(pending)
+        memory["spread_server_start_rss_mb"] = rss_mb(server.pid, "VmHWM")
+        print("  spread server: %s (pid %d), peak RSS %.1f MB after start" % (
+            server.banner, server.pid, memory["spread_server_start_rss_mb"]), flush=True)
+        if "spread" in args.scenarios:
+            for connections in args.connections:
+                run_pair("spread", connections, "base", [("spread", server)], baseline, args, workdir, results)
+        if "memory" in args.scenarios:
+            print("  %s distinct consumers read and acknowledge one event each ..." % f"{args.memory_consumers:,}",
+                  flush=True)
+            specs = [{"role": "newcomer", "index": i, "total": NEWCOMER_CONNECTIONS, "stream": SPREAD_STREAM,
+                      "consumers": args.memory_consumers} for i in range(NEWCOMER_CONNECTIONS)]
+            figures = run_load(server, specs, argparse.Namespace(**dict(vars(args), warmup=0)),
+                               ProcessMeter(server.pid), duration=math.inf)
+            done = figures["roles"]["newcomer"]
+            memory["consumers"] = {
+                "consumers": done["counts"].get("consumers", 0), "seconds": round(figures["duration_s"], 1),
+                "requests_per_s": round(done["requests_per_s"]), "errors": done["errors"],
+                "peak_rss_mb": figures["peak_rss_mb"], "rss_after_mb": rss_mb(server.pid)}
+            print("  ... %s consumers in %.1f s; server RSS peak %.1f MB, %.1f MB after" % (
+                f"{memory['consumers']['consumers']:,}", figures["duration_s"], memory["consumers"]["peak_rss_mb"],
+                memory["consumers"]["rss_after_mb"]), flush=True)
     finally:
-        for connection in connections:
-            connection.sock.close()
-        selector.close()
-    return stats
+        problems.extend(server.stop())
 
 
-def thread_count(pid):
-    """The process's threads (the server runs one per connection), from /proc."""
+def run_fixtures_memory(args, workdir, user, password, memory):
+    """The server's peak RSS while --fixtures loads --events events at its start."""
+    path = os.path.join(workdir, "fixtures.ndjson")
+    head = b'{"stream":"%s","producerId":"%s","envelope":' % (SPREAD_STREAM.encode(), producer_id(SPREAD_STREAM).encode())
+    with open(path, "wb") as f:
+        for first in range(0, args.events, 1000):
+            f.write(b"".join(head + envelope_bytes(n) + b"}\n" for n in range(first, min(first + 1000, args.events))))
+    print("  starting a server with --fixtures of %s events (%.0f MB) ..." % (
+        f"{args.events:,}", os.path.getsize(path) / 1e6), flush=True)
+    server = start_server(args, os.path.join(workdir, "fixtures.db"), workdir, user, password, "fixtures-server",
+                          ["--fixtures", path], timeout=1800)
     try:
-        with open("/proc/%d/status" % pid) as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+        memory["fixtures"] = {"events": args.events, "seconds": round(server.listening_s, 1),
+                              "peak_rss_mb": rss_mb(server.pid, "VmHWM"), "rss_after_mb": rss_mb(server.pid)}
+    finally:
+        problems = server.stop()
+        os.remove(path)
+    print("  ... listening after %.1f s; peak RSS %.1f MB, %.1f MB once loaded" % (
+        server.listening_s, memory["fixtures"]["peak_rss_mb"], memory["fixtures"]["rss_after_mb"]), flush=True)
+    return problems
 
 
-def settle_threads(pid, wanted, timeout=10.0):
-    """Wait until wanted(thread count) holds; the last count seen and whether it held."""
+def wait_threads(pid, wanted, timeout=10.0):
+    """Wait until wanted(the server's thread count) holds; the last count seen and whether it held."""
     deadline = time.monotonic() + timeout
     while True:
-        count = thread_count(pid)
-        if count is None or wanted(count):
-            return count, True
-        if time.monotonic() > deadline:
-            return count, False
+        count = proc_status(pid, "Threads")
+        if count is None or wanted(count) or time.monotonic() > deadline:
+            return count, count is None or wanted(count)
         time.sleep(0.05)
-
-
-def steady_threads(pid, timeout=5.0):
-    """The thread count once it has stayed the same for 0.5 s (threads of closed connections gone)."""
-    deadline = time.monotonic() + timeout
-    last, since = thread_count(pid), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        count = thread_count(pid)
-        if count != last:
-            last, since = count, time.monotonic()
-        elif time.monotonic() - since >= 0.5:
-            break
-    return last
-
-
-def publish_one(target, stream, event_name):
-    """POST one envelope with this event name to the stream, as its owner."""
-    envelope = json.loads(envelope_bytes(0))
-    envelope["event"]["name"] = event_name
-    status, body = simple_request(target, "POST", stream_path(stream), {
-        "Content-Type": "application/json", "X-Producer-ID": producer_id(stream)},
-        json.dumps(envelope).encode())
-    if status != 200:
-        raise BenchError("publishing %s to %s: %d %s" % (event_name, stream, status, body[:300]))
 
 
 def run_waiters(server, args, problems):
     """Publish at WAITERS_PUBLISHERS connections, alternately without and with args.waiters long
-    polls waiting, args.waiter_rounds rounds; the summary (also printed row by row)."""
+    polls waiting, args.waiter_rounds rounds (the order flips each round, so drift falls on both
+    alike); the summary, also printed round by round."""
     for index in range(PUBLISH_STREAMS):   # the waiters' streams must exist, else their reads are 404s
-        publish_one(server.target, publish_stream(index), EVENT_NAME)
-    idle = steady_threads(server.pid)
-    context = multiprocessing.get_context("fork")
-    pipe, child_pipe = context.Pipe()
-    worker = context.Process(target=waiter_worker, args=(server.target, args.waiters, child_pipe),
-                             daemon=True)
-    worker.start()
+        publish_one(server.target, publish_stream(index))
+    time.sleep(0.5)   # the threads of the connections just closed end
+    idle = proc_status(server.pid, "Threads")
     run_id = uuid.uuid4().hex[:8]
     runs = []
 
-    def receive(what, timeout=60.0):
-        if not pipe.poll(timeout):
-            raise BenchError("the waiters' process did not answer %s within %.0f s" % (what, timeout))
-        return pipe.recv()
-
     def one_run(round_number, with_waiters):
-        threads, settled = settle_threads(server.pid, lambda count: count <= idle)
+        threads, settled = wait_threads(server.pid, lambda count: count <= idle)
         if not settled:
             problems.append("waiters round %d: server threads %s before the run, %s when idle"
                             % (round_number, threads, idle))
-        held = None
-        if with_waiters:
-            name = "%s-%s-%d" % (WAITERS_NAME, run_id, round_number)
-            pipe.send(("hold", name))
-            reply = receive("hold")
-            if reply[0] != "held":
-                raise BenchError("waiters: %r" % (reply,))
-            threads, settled = settle_threads(server.pid, lambda count: count >= idle + reply[1])
-            if not settled or reply[1] < args.waiters:
-                problems.append("waiters round %d: %d of %d waiters connected, server threads %s (idle %s)"
-                                % (round_number, reply[1], args.waiters, threads, idle))
-            threads_before = threads
-        else:
-            threads_before = thread_count(server.pid)
-        meter = ProcessMeter(server.pid)
-        specs = scenario_specs("publish", WAITERS_PUBLISHERS, False, "waiters%d-%s" % (round_number, run_id))
-        figures = run_load(server, specs, args, meter)
-        threads_after = thread_count(server.pid)
-        if with_waiters:
-            pipe.send(("release",))
+        name = "%s-%s-%d" % (WAITERS_NAME, run_id, round_number)
+        specs = scenario_specs("publish", WAITERS_PUBLISHERS, False, "waiters%d-%s" % (round_number, run_id), args)
+        specs += [{"role": "waiter", "index": i, "name": name, "linger": True}
+                  for i in range(args.waiters if with_waiters else 0)]
+
+        def release():   # the thread count while they are held, then one event of that name per stream
+            held = wait_threads(server.pid, lambda count: count >= idle + args.waiters, 1.0)[0]
             for index in range(min(args.waiters, PUBLISH_STREAMS)):
                 publish_one(server.target, publish_stream(index), name)
-            reply = receive("release")
-            held = reply[1]
-            if held["errors"] or held["early"] or held["unanswered"]:
-                problems.append("waiters round %d: %s" % (round_number, {
-                    key: held[key] for key in ("connected", "early", "unanswered", "errors", "samples")}))
-        served = figures["roles"]["publish"]
-        run = {"round": round_number, "waiters": args.waiters if with_waiters else 0,
-               "requests_per_s": round(served["requests_per_s"], 1), "p50_ms": served["p50_ms"],
-               "p99_ms": served["p99_ms"], "errors": served["errors"], "error_samples": served["error_samples"],
-               "server_cpu_percent": figures["server_cpu_percent"],
-               "client_cpu_percent": figures["client_cpu_percent"], "peak_rss_mb": figures["peak_rss_mb"],
-               "server_threads": [threads_before, threads_after], "waiter_stats": held}
+            return held
+
+        figures = run_load(server, specs, args, ProcessMeter(server.pid), release if with_waiters else None)
+        served, held = figures["roles"]["publish"], None
+        if with_waiters:
+            waiter = figures["roles"].get("waiter") or role_figures(1, None, None)
+            held = dict(waiter["counts"], errors=waiter["errors"], samples=waiter["error_samples"],
+                        threads_held=figures["after_window"])
+            held["unanswered"] = args.waiters - held.get("released", 0)
+            if (figures["after_window"] or 0) < idle + args.waiters:
+                problems.append("waiters round %d: server threads %s with %d waiters held (idle %s)"
+                                % (round_number, figures["after_window"], args.waiters, idle))
+            if held["errors"] or held.get("early") or held["unanswered"]:
+                problems.append("waiters round %d: %s" % (round_number, held))
         if served["errors"]:
             problems.append("waiters round %d (%s): server errors %s" % (
                 round_number, "with" if with_waiters else "alone", served["errors"]))
-        runs.append(run)
-        return run
+        runs.append(dict({key: served[key] for key in ("requests_per_s", "p50_ms", "p99_ms", "errors")},
+                         round=round_number, waiters=args.waiters if with_waiters else 0, waiter_stats=held,
+                         **{key: figures[key] for key in ("server_cpu_percent", "client_cpu_percent", "peak_rss_mb")}))
+        return runs[-1]
 
-    try:
-        for round_number in range(1, args.waiter_rounds + 1):
-            order = (False, True) if round_number % 2 else (True, False)
-            done = {with_waiters: one_run(round_number, with_waiters) for with_waiters in order}
-            alone, held = done[False], done[True]
-            print("  waiters round %d/%d: alone %s/s (p99 %s ms, CPU %s%%, %s threads) | with %d waiting "
-                  "%s/s (p99 %s ms, CPU %s%%, %s threads) %+.1f%%" % (
-                      round_number, args.waiter_rounds, fmt_int(alone["requests_per_s"]),
-                      fmt(alone["p99_ms"], 1), fmt(alone["server_cpu_percent"], 0),
-                      alone["server_threads"][0], args.waiters, fmt_int(held["requests_per_s"]),
-                      fmt(held["p99_ms"], 1), fmt(held["server_cpu_percent"], 0), held["server_threads"][0],
-                      change_percent(alone["requests_per_s"], held["requests_per_s"])), flush=True)
-        pipe.send(("stop",))
-        worker.join(5)
-    finally:
-        if worker.is_alive():
-            worker.terminate()
-            worker.join(5)
-    alone = [run for run in runs if not run["waiters"]]
-    held = [run for run in runs if run["waiters"]]
-    alone_rps = statistics.median(run["requests_per_s"] for run in alone)
-    held_rps = statistics.median(run["requests_per_s"] for run in held)
-    return {"publish_connections": WAITERS_PUBLISHERS, "waiters": args.waiters, "wait_s": WAITERS_WAIT,
-            "rounds": args.waiter_rounds, "idle_server_threads": idle,
-            "alone_requests_per_s": round(alone_rps, 1), "with_requests_per_s": round(held_rps, 1),
-            "change_percent": round(change_percent(alone_rps, held_rps), 3),
-            "round_changes_percent": [round(change_percent(a["requests_per_s"], h["requests_per_s"]), 3)
-                                      for a, h in zip(alone, held)],
-            "alone_p99_ms": statistics.median(run["p99_ms"] for run in alone),
-            "with_p99_ms": statistics.median(run["p99_ms"] for run in held),
-            "alone_server_cpu_percent": statistics.median(run["server_cpu_percent"] for run in alone),
-            "with_server_cpu_percent": statistics.median(run["server_cpu_percent"] for run in held),
-            "runs": runs}
+    for round_number in range(1, args.waiter_rounds + 1):
+        order = (False, True) if round_number % 2 else (True, False)
+        done = {with_waiters: one_run(round_number, with_waiters) for with_waiters in order}
+        alone, held = done[False], done[True]
+        print("  waiters round %d/%d: alone %s/s (p99 %s ms, CPU %s%%) | with %d waiting %s/s (p99 %s ms, "
+              "CPU %s%%, %s threads) %+.1f%%" % (
+                  round_number, args.waiter_rounds, fmt_int(alone["requests_per_s"]), fmt(alone["p99_ms"], 1),
+                  fmt(alone["server_cpu_percent"], 0), args.waiters, fmt_int(held["requests_per_s"]),
+                  fmt(held["p99_ms"], 1), fmt(held["server_cpu_percent"], 0), held["waiter_stats"]["threads_held"],
+                  change_percent(alone["requests_per_s"], held["requests_per_s"])), flush=True)
+    groups = {"alone": [run for run in runs if not run["waiters"]], "with": [run for run in runs if run["waiters"]]}
+    summary = {"%s_%s" % (which, key): statistics.median(run[key] for run in group)
+               for which, group in groups.items() for key in ("requests_per_s", "p99_ms", "server_cpu_percent")}
+    return dict(summary, publish_connections=WAITERS_PUBLISHERS, waiters=args.waiters, wait_s=WAITERS_WAIT,
+                rounds=args.waiter_rounds, idle_server_threads=idle,
+                change_percent=round(change_percent(summary["alone_requests_per_s"], summary["with_requests_per_s"]), 3),
+                round_changes_percent=[round(change_percent(a["requests_per_s"], h["requests_per_s"]), 3)
+                                       for a, h in zip(groups["alone"], groups["with"])], runs=runs)
 
 
 def change_percent(before, after):
     return 100.0 * (after / before - 1) if before else 0.0
-
-
-def print_waiters(summary):
-    print()
-    print("Long-poll waiters: publish throughput, median of %d round(s), without and with %d reads "
-          "waiting (wait=%d)" % (summary["rounds"], summary["waiters"], summary["wait_s"]))
-    print("publish %d conns: %s/s alone, %s/s with %d long-polls waiting (%+.1f%%)" % (
-        summary["publish_connections"], fmt_int(summary["alone_requests_per_s"]),
-        fmt_int(summary["with_requests_per_s"]), summary["waiters"], summary["change_percent"]))
-    print("  per round %s; p99 %s -> %s ms; server CPU %s%% -> %s%%; issue 5 allows -10%%: %s" % (
-        ", ".join("%+.1f%%" % change for change in summary["round_changes_percent"]),
-        fmt(summary["alone_p99_ms"], 1), fmt(summary["with_p99_ms"], 1),
-        fmt(summary["alone_server_cpu_percent"], 0), fmt(summary["with_server_cpu_percent"], 0),
-        "within" if summary["change_percent"] >= -10 else "OVER"))
 
 
 # Report ######################################################################
@@ -1336,14 +1363,21 @@ def print_row(row):
         notes.append("baseline errors %d" % sum(v for v in base["errors"].values() if isinstance(v, int)))
     if row["unit"] == "events/s":
         notes.append("events/s")
-    if served.get("consumer_restarts"):
-        notes.append("ran dry %dx" % served["consumer_restarts"])
-    label = row["scenario"] + ("@scale" if row["phase"] == "scale" else "")
+    if served["counts"].get("restarts") and row["scenario"] != "tail":
+        notes.append("ran dry %dx" % served["counts"]["restarts"])
+    if row["scenario"] in ("tail", "spread"):
+        notes.append("reads %s/s, events %s/s" % (fmt_int(served["reads_per_s"] or served["requests_per_s"]),
+                                                   fmt_int(served["events_per_s"])))
+    if row["behind"] is not None:
+        notes.append("behind %d" % row["behind"])
+    if row["server_cpu_us_per_request"]:
+        notes.append("%.0f us/req" % row["server_cpu_us_per_request"])
     print("%-16s %5d | %9s %8s %8s %7s %5s | %9s %8s %8s | %6s  %s" % (
-        label, row["connections"], fmt_int(row["server_throughput"]), fmt(served["p50_ms"], 2),
-        fmt(served["p99_ms"], 2), fmt(row["peak_rss_mb"], 1), fmt(row["server_cpu_percent"], 0),
-        fmt_int(base.get("requests_per_s")), fmt(base.get("p50_ms"), 2), fmt(base.get("p99_ms"), 2),
-        fmt(row["ratio"], 2), "; ".join(notes)), flush=True)
+        row["scenario"] + ("@scale" if row["phase"] == "scale" else "") + (" " + row["build"] if row["build"] else ""),
+        row["connections"],
+        fmt_int(row["server_throughput"]), fmt(served["p50_ms"], 2), fmt(served["p99_ms"], 2),
+        fmt(row["peak_rss_mb"], 1), fmt(row["server_cpu_percent"], 0), fmt_int(base.get("requests_per_s")),
+        fmt(base.get("p50_ms"), 2), fmt(base.get("p99_ms"), 2), fmt(row["ratio"], 2), "; ".join(notes)), flush=True)
 
 
 def fmt(value, digits):
@@ -1354,58 +1388,84 @@ def fmt_int(value):
     return "-" if value is None else f"{value:,.0f}"
 
 
-def print_table(results):
-    print()
-    print("Results. server/s: requests/s (events/s for consume); CPU%: the server's, 100 = one core;")
-    print("base/s: the baseline's requests/s, same client and request shapes; ratio = server/s / base/s")
-    print(TABLE_HEAD)
-    print("-" * len(TABLE_HEAD))
-    for row in results:
-        print_row(row)
-    base = {(r["scenario"], r["connections"]): r for r in results if r["phase"] == "base"}
-    scaled = [r for r in results if r["phase"] == "scale"]
-    if scaled:
+def print_report(results, waiters, memory, problems):
+    if results:
         print()
-        print("Scale: the same runs with the extra events stored, change of server/s against the first run")
-        for row in scaled:
-            before = base.get((row["scenario"], row["connections"]))
-            if before and before["server_throughput"]:
-                change = 100.0 * (row["server_throughput"] / before["server_throughput"] - 1)
-                print("  %-8s %3d conns: %9s -> %9s /s (%+.1f%%), ratio %s -> %s" % (
-                    row["scenario"], row["connections"], fmt_int(before["server_throughput"]),
-                    fmt_int(row["server_throughput"]), change, fmt(before["ratio"], 2),
-                    fmt(row["ratio"], 2)))
+        print("Results. server/s: requests/s (events/s for consume); CPU%: the server's, 100 = one core;")
+        print("base/s: the baseline's requests/s, same client and request shapes; ratio = server/s / base/s")
+        print(TABLE_HEAD)
+        print("-" * len(TABLE_HEAD))
+        for row in results:
+            print_row(row)
+    first = {(r["scenario"], r["connections"]): r for r in reversed(results) if r["phase"] == "base"}
+    scaled = [(first.get((r["scenario"], r["connections"])), r) for r in results if r["phase"] == "scale"]
+    if scaled:
+        print("\nScale: the same runs with the extra events stored, change of server/s against the first run")
+    for before, row in scaled:
+        if before and before["server_throughput"]:
+            print("  %-11s %3d conns: %9s -> %9s /s (%+.1f%%), ratio %s -> %s" % (
+                row["scenario"], row["connections"], fmt_int(before["server_throughput"]),
+                fmt_int(row["server_throughput"]), change_percent(before["server_throughput"],
+                                                                  row["server_throughput"]),
+                fmt(before["ratio"], 2), fmt(row["ratio"], 2)))
+    if waiters:
+        print("\nLong-poll waiters: publish throughput, median of %d round(s), without and with %d reads "
+              "waiting (wait=%d)" % (waiters["rounds"], waiters["waiters"], waiters["wait_s"]))
+        print("publish %d conns: %s/s alone, %s/s with %d long-polls waiting (%+.1f%%)" % (
+            waiters["publish_connections"], fmt_int(waiters["alone_requests_per_s"]),
+            fmt_int(waiters["with_requests_per_s"]), waiters["waiters"], waiters["change_percent"]))
+        print("  per round %s; p99 %s -> %s ms; server CPU %s%% -> %s%%; issue 5 allows -10%%: %s" % (
+            ", ".join("%+.1f%%" % change for change in waiters["round_changes_percent"]),
+            fmt(waiters["alone_p99_ms"], 1), fmt(waiters["with_p99_ms"], 1), fmt(waiters["alone_server_cpu_percent"], 0),
+            fmt(waiters["with_server_cpu_percent"], 0), "within" if waiters["change_percent"] >= -10 else "OVER"))
+    lines = []
+    if "fixtures" in memory:
+        lines.append("--fixtures of %s events: peak RSS %.1f MB (%.1f MB once loaded), %.1f s" % (
+            f"{memory['fixtures']['events']:,}", memory["fixtures"]["peak_rss_mb"],
+            memory["fixtures"]["rss_after_mb"], memory["fixtures"]["seconds"]))
+    if "import" in memory:
+        lines.append("import of %s events: peak RSS %.1f MB, %.1f s" % (
+            f"{memory['import']['events']:,}", memory["import"]["peak_rss_mb"], memory["import"]["seconds"]))
+    if "consumers" in memory:
+        lines.append("%s distinct consumers (read + ACK each): server peak RSS %.1f MB, %.1f MB after" % (
+            f"{memory['consumers']['consumers']:,}", memory["consumers"]["peak_rss_mb"],
+            memory["consumers"]["rss_after_mb"]))
+    if lines:
+        print("\nMemory\n  " + "\n  ".join(lines))
+    for problem in problems:
+        print("PROBLEM: %s" % problem)
 
 
 def machine_info():
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f
-                          if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "cpu": model, "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
-            "platform": platform.platform(), "wrk": shutil.which("wrk") is not None}
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {"nproc": len(os.sched_getaffinity(0)), "cpu": model, "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version, "platform": platform.platform(), "wrk": shutil.which("wrk") is not None,
+            "load_average": os.getloadavg()}
 
 
 def print_header(args, machine):
     print("command: %s" % shlex.join([sys.executable, sys.argv[0]] + sys.argv[1:]))
-    print("machine: nproc %s, %s, Python %s, SQLite %s, %s" % (
+    print("machine: nproc %s, %s, Python %s, SQLite %s, %s, load %.2f" % (
         machine["nproc"], machine["cpu"] or "unknown CPU", machine["python"], machine["sqlite"],
-        machine["platform"]))
-    if args.endpoints is not None:
-        print("run:     --endpoints %s, %d requests per endpoint, --sync %s"
-              % (args.endpoints, args.requests, args.sync))
-    elif args.build_db is None:
-        scale = (", --scale %s events in %d streams" % (f"{args.scale_events:,}", args.scale_streams)
-                 if args.scale else "")
-        print("run:     --sync %s, %g s per run after %g s warm-up, x%d, connections %s, scenarios %s, "
-              "client %s%s" % (args.sync, args.duration, args.warmup, args.repeat,
+        machine["platform"], machine["load_average"][0]))
+    if args.endpoints:
+        print("run:     --endpoints %s, %d requests per endpoint, --sync %s" % (args.endpoints, args.requests,
+                                                                            args.sync))
+    elif not args.build_db:
+        print("run:     %s, --sync %s, %g s per run after %g s warm-up, x%d, connections %s, scenarios %s, "
+              "client %s%s" % (" + ".join(args.servers), args.sync, args.duration, args.warmup, args.repeat,
                                ",".join(map(str, args.connections)), ",".join(args.scenarios), args.client,
-                               scale))
+                               ", --scale %s events in %d streams" % (f"{args.events:,}", args.streams)
+                               if args.scale else ""))
     print(flush=True)
+
+
+def write_json(path, document):
+    with open(path, "w") as f:
+        json.dump(dict({"version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "command": [sys.executable, sys.argv[0]] + sys.argv[1:]}, **document), f, indent=1)
+    print("\nfigures written to %s" % path)
 
 
 # Endpoints ###################################################################
@@ -1417,195 +1477,128 @@ ENDPOINT_SLOW_REQUESTS = 5       # ... is timed this many times at most
 ENDPOINT_CONSUMERS = 3           # consumer offsets created when the stream has none
 
 
-class KeepAliveClient:
-    """One http.client connection reused for every request; (status, body, seconds)."""
-
-    def __init__(self, target):
-        self.target = target
-        self.connection = None
-
-    def request(self, method, path, headers=None):
-        all_headers = {"Authorization": self.target["auth"]}
-        all_headers.update(headers or {})
-        for attempt in (1, 2):
-            if self.connection is None:
-                self.connection = http.client.HTTPConnection(self.target["host"], self.target["port"],
-                                                             timeout=300)
-                self.connection.connect()
-                self.connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            began = time.perf_counter()
-            try:
-                self.connection.request(method, path, body=b"" if method == "POST" else None,
-                                        headers=all_headers)
-                response = self.connection.getresponse()
-                body = response.read()
-            except (http.client.HTTPException, OSError) as error:
-                self.close()
-                if attempt == 2:
-                    raise BenchError("%s %s: %r" % (method, path, error)) from None
-                continue   # the server closed an idle connection: one retry on a new one
-            seconds = time.perf_counter() - began
-            if response.will_close:
-                self.close()
-            return response.status, body, seconds
-
-    def json(self, method, path, headers=None):
-        status, body, _ = self.request(method, path, headers)
-        if status != 200:
-            raise BenchError("%s %s: %d %s" % (method, path, status, body[:300].decode("utf-8", "replace")))
-        return json.loads(body)
-
-    def close(self):
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
-
-
 def endpoint_plan(client, event_name):
-    """[(label, method, path, headers)] with real names from the database, and what was found and done."""
+    """[(label, method, path, headers)] with real names from the database, and what was found and done.
+    It changes only consumer offsets: when the stream has none it creates three (seeks), and the
+    timed seek sets the first one to the offset it already has."""
     streams = client.json("GET", "/api/v1/streams")
     if not streams:
         raise BenchError("the database has no streams: build one with --build-db")
     stream = max(streams, key=lambda s: (s["eventsCount"], s["streamName"]))
     name = stream["streamName"]
-    quoted = urllib.parse.quote(name, safe="")
+    quoted, quoted_name = urllib.parse.quote(name, safe=""), urllib.parse.quote(event_name, safe="")
     probe = {"X-Consumer-ID": "bench-endpoints-reader"}   # reads do not store an offset
-    read_path = "%s?eventName=%s&limit=%%d" % (stream_path(name), urllib.parse.quote(event_name, safe=""))
-    first = client.json("GET", read_path % 1, probe)
+    first = client.json("GET", read_path(name, 1, event_name), probe)
     if not first:
         raise BenchError("stream %s has no %s events for a new consumer (choose one with --event-name)"
                          % (name, event_name))
     event_id = first[0]["eventId"]
     consumers = client.json("GET", "/api/v1/consumers/%s" % quoted)
     created = []
-    if not consumers:
-        for number in range(1, ENDPOINT_CONSUMERS + 1):
-            consumer = "bench-endpoints-%d" % number
-            for offset in (stream["eventsCount"] * number // (ENDPOINT_CONSUMERS + 1), 1):
-                status, body, _ = client.request("POST", "/api/v1/%s/%s/%s/change/%d" % (
-                    quoted, consumer, urllib.parse.quote(event_name, safe=""), offset))
-                if status == 200:
-                    created.append({"consumerId": consumer, "eventName": event_name, "offset": offset})
-                    break
-            else:
-                raise BenchError("seeking %s in %s: %d %s" % (consumer, name, status, body[:300]))
-        consumers = client.json("GET", "/api/v1/consumers/%s" % quoted)
-    seek = consumers[0]
+    for number in range(1, ENDPOINT_CONSUMERS + 1 if not consumers else 1):
+        consumer = "bench-endpoints-%d" % number
+        for offset in (stream["eventsCount"] * number // (ENDPOINT_CONSUMERS + 1), 1):
+            status, body, _ = client.request("POST", "/api/v1/%s/%s/%s/change/%d" % (quoted, consumer, quoted_name,
+                                                                                     offset))
+            if status == 200:
+                created.append({"consumerId": consumer, "eventName": event_name, "offset": offset})
+                break
+        else:
+            raise BenchError("seeking %s in %s: %d %s" % (consumer, name, status, body[:300]))
+    seek = (consumers or client.json("GET", "/api/v1/consumers/%s" % quoted))[0]
     no_match = "nomatch-" + uuid.uuid4().hex[:12]
-    plan = [
-        ("health", "GET", "/api/v1/health", None),
-        ("metrics", "GET", "/api/v1/metrics", None),
-        ("consumers/<stream>", "GET", "/api/v1/consumers/%s" % quoted, None),
-        ("stats/events-per-stream", "GET", "/api/v1/stats/events-per-stream", None),
-        ("stats/stream-data", "GET", "/api/v1/stats/stream-data", None),
-        ("stats/events-current-month", "GET", "/api/v1/stats/events-current-month", None),
-        ("streams", "GET", "/api/v1/streams", None),
-        ("search event name", "GET", "/api/v1/search?_q=%s" % urllib.parse.quote(event_name, safe=""), None),
-        ("search no match", "GET", "/api/v1/search?_q=%s" % no_match, None),
-        ("search event ID", "GET", "/api/v1/search?_q=%s" % event_id, None),
-        ("event-period-search 1month", "GET", "/api/v1/event-period-search/%s?period=1month" % quoted, None),
-        ("events/<id>/payload", "GET", "/api/v1/events/%s/payload" % event_id, None),
-        ("change offset (seek)", "POST", "/api/v1/%s/%s/%s/change/%d" % (
-            quoted, urllib.parse.quote(seek["consumerId"], safe=""),
-            urllib.parse.quote(seek["eventName"], safe=""), seek["offset"]), None),
-        ("read limit=10", "GET", read_path % READ_LIMIT, probe),
-    ]
+    plan = [("health", "GET", "/api/v1/health", None),
+            ("metrics", "GET", "/api/v1/metrics", None),
+            ("consumers/<stream>", "GET", "/api/v1/consumers/%s" % quoted, None),
+            ("stats/events-per-stream", "GET", "/api/v1/stats/events-per-stream", None),
+            ("stats/stream-data", "GET", "/api/v1/stats/stream-data", None),
+            ("stats/events-current-month", "GET", "/api/v1/stats/events-current-month", None),
+            ("streams", "GET", "/api/v1/streams", None),
+            ("search event name", "GET", "/api/v1/search?_q=%s" % quoted_name, None),
+            ("search no match", "GET", "/api/v1/search?_q=%s" % no_match, None),
+            ("search event ID", "GET", "/api/v1/search?_q=%s" % event_id, None),
+            ("event-period-search 1month", "GET", "/api/v1/event-period-search/%s?period=1month" % quoted, None),
+            ("events/<id>/payload", "GET", "/api/v1/events/%s/payload" % event_id, None),
+            ("change offset (seek)", "POST", "/api/v1/%s/%s/%s/change/%d" % (
+                quoted, urllib.parse.quote(seek["consumerId"], safe=""),
+                urllib.parse.quote(seek["eventName"], safe=""), seek["offset"]), None),
+            ("read limit=10", "GET", read_path(name, READ_LIMIT, event_name), probe)]
     found = {"stream": name, "stream_events": stream["eventsCount"], "streams": len(streams),
              "event_name": event_name, "event_id": event_id, "no_match_term": no_match,
-             "consumers": len(consumers), "consumers_created": created,
-             "seek": {"consumerId": seek["consumerId"], "eventName": seek["eventName"],
-                      "offset": seek["offset"]}}
+             "consumers": len(consumers) or len(created), "consumers_created": created,
+             "seek": {key: seek[key] for key in ("consumerId", "eventName", "offset")}}
     return plan, found
 
 
 def run_endpoints(args, machine):
-    """--endpoints DB: time each endpoint, taking turns, on an existing database."""
+    """--endpoints DB: time each endpoint, taking turns (a burst of noise falls on all alike), on an
+    existing database: median and p90 of --requests requests each, and each median / health's."""
     user, password = "bench", uuid.uuid4().hex
-    rows, problems, found = [], [], {}
+    rows, problems = [], []
     with tempfile.TemporaryDirectory(prefix="bench-eventserver-") as workdir:
         server = start_server(args, os.path.abspath(args.endpoints), workdir, user, password)
-        client = KeepAliveClient(server.target)
         meter = ProcessMeter(server.pid)
         meter.start()
         try:
-            print("server: %s (pid %d)" % (server.banner, server.pid), flush=True)
-            plan, found = endpoint_plan(client, args.event_name)
-            print("stream %s (%s events, of %d streams), event name %s, event ID %s, %d consumer(s)%s"
-                  % (found["stream"], f"{found['stream_events']:,}", found["streams"], found["event_name"],
-                     found["event_id"], found["consumers"],
-                     ", %d created by seeks" % len(found["consumers_created"])
-                     if found["consumers_created"] else ""), flush=True)
-            timings = {label: [] for label, *_ in plan}
-            wanted, answers = {}, {}
-            for label, method, path, headers in plan:   # one untimed request each: warms caches
-                status, body, seconds = client.request(method, path, headers)
-                answers[label] = (status, len(body))
-                wanted[label] = ENDPOINT_SLOW_REQUESTS if seconds > ENDPOINT_SLOW_S else args.requests
-                wanted[label] = min(wanted[label], args.requests)
-                if status != 200:
-                    problems.append("%s: %d %s" % (label, status, body[:200].decode("utf-8", "replace")))
-            for turn in range(args.requests):
-                for label, method, path, headers in plan:
-                    if turn < wanted[label]:
+            with Client(server.target) as client:
+                print("server: %s (pid %d)" % (server.banner, server.pid), flush=True)
+                plan, found = endpoint_plan(client, args.event_name)
+                print("stream %s (%s events, of %d streams), event name %s, event ID %s, %d consumer(s)%s" % (
+                    found["stream"], f"{found['stream_events']:,}", found["streams"], found["event_name"],
+                    found["event_id"], found["consumers"], ", %d created by seeks" % len(found["consumers_created"])
+                    if found["consumers_created"] else ""), flush=True)
+                timings, wanted, answers = {label: [] for label, *_ in plan}, {}, {}
+                for turn in range(-1, args.requests):   # turn -1: one untimed request each, warms caches
+                    for label, method, path, headers in plan:
+                        if turn >= 0 and turn >= wanted[label]:
+                            continue
                         status, body, seconds = client.request(method, path, headers)
-                        timings[label].append(seconds)
                         answers[label] = (status, len(body))
+                        if turn < 0:
+                            wanted[label] = ENDPOINT_SLOW_REQUESTS if seconds > ENDPOINT_SLOW_S else args.requests
+                            wanted[label] = min(wanted[label], args.requests)
+                        else:
+                            timings[label].append(seconds)
                         if status != 200:
-                            problems.append("%s: %d %s" % (label, status,
-                                                           body[:200].decode("utf-8", "replace")))
-            rss_mb, cpu = meter.stop()
+                            problems.append("%s: %d %s" % (label, status, body[:200].decode("utf-8", "replace")))
+            peak_mb, cpu = meter.stop()
         finally:
-            client.close()
-            server.stop()
-            if server.exit_note:
-                problems.append("server %s" % server.exit_note)
-            if server.tracebacks():
-                problems.append("server logged %d traceback(s); last lines: %s" % (
-                    server.tracebacks(), server.stderr_tail(8)))
+            problems.extend(server.stop())
     health = statistics.median(timings["health"])
-    print()
-    print("One request at a time on one keep-alive connection; ms of wall time at the client;")
+    print("\nOne request at a time on one keep-alive connection; ms of wall time at the client;")
     print("ratio = the endpoint's median / health's median")
-    head = "%-28s %-52s %4s %9s %9s %8s %6s %9s" % ("endpoint", "request", "n", "median ms", "p90 ms",
-                                                    "ratio", "status", "bytes")
-    print(head)
-    print("-" * len(head))
+    head = "%-28s %-52s %4s %9s %9s %8s %6s %9s" % ("endpoint", "request", "n", "median ms", "p90 ms", "ratio",
+                                                    "status", "bytes")
+    print(head + "\n" + "-" * len(head))
     for label, method, path, headers in plan:
         values = sorted(timings[label])
         median = statistics.median(values)
-        row = {"endpoint": label, "method": method, "path": path, "requests": len(values),
-               "median_ms": ms(median), "p90_ms": ms(percentile(values, 0.90)),
-               "min_ms": ms(values[0]), "max_ms": ms(values[-1]),
-               "ratio_to_health": round(median / health, 1) if health else None,
-               "status": answers[label][0], "bytes": answers[label][1]}
+        row = {"endpoint": label, "method": method, "path": path, "requests": len(values), "median_ms": ms(median),
+               "p90_ms": ms(percentile(values, 0.90)), "min_ms": ms(values[0]), "max_ms": ms(values[-1]),
+               "ratio_to_health": round(median / health, 1) if health else None, "status": answers[label][0],
+               "bytes": answers[label][1]}
         rows.append(row)
         shown = "%s %s" % (method, path)
         print("%-28s %-52s %4d %9.2f %9.2f %8s %6d %9s" % (
             label, shown if len(shown) <= 52 else shown[:49] + "...", row["requests"], row["median_ms"],
             row["p90_ms"], fmt(row["ratio_to_health"], 1), row["status"], fmt_int(row["bytes"])))
-    print()
-    print("server peak RSS %.1f MB, CPU %.1f s" % (rss_mb, cpu))
+    print("\nserver peak RSS %.1f MB, CPU %.1f s" % (peak_mb, cpu))
     for problem in problems:
         print("PROBLEM: %s" % problem)
     if args.json:
-        document = {"version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "command": [sys.executable, sys.argv[0]] + sys.argv[1:], "machine": machine,
-                    "config": {"database": os.path.abspath(args.endpoints), "requests": args.requests,
-                               "sync": args.sync},
-                    "server": server.banner, "found": found, "peak_rss_mb": round(rss_mb, 1),
-                    "server_cpu_s": round(cpu, 2), "results": rows, "problems": problems}
-        with open(args.json, "w") as f:
-            json.dump(document, f, indent=1)
-        print("\nfigures written to %s" % args.json)
+        write_json(args.json, {"machine": machine, "config": {"database": os.path.abspath(args.endpoints),
+                                                              "requests": args.requests, "sync": args.sync},
+                               "server": server.banner, "found": found, "peak_rss_mb": peak_mb,
+                               "server_cpu_s": round(cpu, 2), "results": rows, "problems": problems})
     return 1 if problems else 0
 
 
 # Command line ################################################################
 
-def start_server(args, db_path, workdir, user, password):
-    argv = [sys.executable, args.server, "--port", "0", "--db", db_path, "--user", user,
-            "--password", password, "--sync", args.sync, "--quiet"]
-    server = Service("eventserver", argv, workdir, user, password)
+def start_server(args, db_path, workdir, user, password, name="eventserver", extra=(), timeout=30.0):
+    argv = [sys.executable, args.server, "--port", "0", "--db", db_path, "--user", user, "--password", password,
+            "--sync", args.sync, "--quiet", *extra]
+    server = Service(name, argv, workdir, user, password, timeout)
     server.wait_healthy()
     return server
 
@@ -1620,104 +1613,87 @@ def build_database(args):
                 f"{args.events:,}", args.streams, args.build_db, server.banner), flush=True)
             loaded = load_events(server.target, scale_plan(args.events, args.streams), "build")
         finally:
-            server.stop()
-        print("loaded %s events in %.1f s (%s events/s)" % (
-            f"{loaded['events']:,}", loaded["seconds"], f"{loaded['events_per_s']:,}"))
-        if server.exit_note:
-            print("server: %s" % server.exit_note)
-            return 1
-    return 0
+            problems = server.stop()
+        print("loaded %s events in %.1f s (%s events/s)" % (f"{loaded['events']:,}", loaded["seconds"],
+                                                            f"{loaded['events_per_s']:,}"))
+        for problem in problems:
+            print("PROBLEM: %s" % problem)
+    return 1 if problems else 0
+
+
+def build_names(paths):
+    """A short name per server: its directory's, or its place in the list when those repeat."""
+    names = [os.path.basename(os.path.dirname(path)) for path in paths]
+    return names if len(set(names)) == len(names) else ["#%d" % (i + 1) for i in range(len(paths))]
 
 
 def run_benchmark(args, machine):
     user, password = "bench", uuid.uuid4().hex
-    results, loads, problems, waiters = [], {}, [], None
+    results, loads, problems, waiters, memory, servers = [], {}, [], None, {}, []
+    wanted = set(args.scenarios)
     with tempfile.TemporaryDirectory(prefix="bench-eventserver-") as workdir:
         baseline = Service("baseline", [sys.executable, os.path.abspath(__file__), "--baseline-server",
                                         "--user", user, "--password", password], workdir, user, password)
-        server = None
         try:
-            server = start_server(args, os.path.join(workdir, "bench.db"), workdir, user, password)
-            print("server:   %s (pid %d)" % (server.banner, server.pid))
-            print("baseline: %s (pid %d)" % (baseline.banner, baseline.pid))
-            print()
-            if set(args.scenarios) & set(DEFAULT_SCENARIOS) or args.scale:
-                print(TABLE_HEAD)
-                print("-" * len(TABLE_HEAD), flush=True)
-            if "publish" in args.scenarios:
-                for connections in args.connections:
-                    run_pair("publish", connections, "base", server, baseline, args, workdir, results)
-            if any(s in args.scenarios for s in ("read", "consume", "mixed")) or args.scale:
-                print("  preloading %s events into %s ..." % (f"{args.read_events:,}", READ_STREAM),
-                      flush=True)
-                loads["read_stream"] = load_events(server.target, [(READ_STREAM, args.read_events)],
-                                                   READ_STREAM)
+            for number, (name, path) in enumerate(zip(build_names(args.servers), args.servers)):
+                servers.append((name, start_server(argparse.Namespace(**dict(vars(args), server=path)), os.path.join(
+                    workdir, "bench-%d.db" % number), workdir, user, password, "eventserver-%d" % number)))
+                print("server %s: %s (pid %d, %s)" % (name, servers[-1][1].banner, servers[-1][1].pid, path))
+            first = servers[0][1]   # the server of waiters and --scale
+            print("baseline: %s (pid %d)\n" % (baseline.banner, baseline.pid))
+            if wanted - {"waiters", "memory"} or args.scale:
+                print(TABLE_HEAD + "\n" + "-" * len(TABLE_HEAD), flush=True)
+            for connections in args.connections if "publish" in wanted else ():
+                run_pair("publish", connections, "base", servers, baseline, args, workdir, results)
+            if wanted & {"repeat-read", "consume", "mixed"} or args.scale:
+                print("  preloading %s events into %s ..." % (f"{args.read_events:,}", READ_STREAM), flush=True)
+                for _, server in servers:
+                    loads["read_stream"] = load_events(server.target, [(READ_STREAM, args.read_events)], READ_STREAM)
                 print("  ... %s events/s" % f"{loads['read_stream']['events_per_s']:,}", flush=True)
-            for scenario in ("read", "consume"):
-                if scenario in args.scenarios:
-                    for connections in args.connections:
-                        run_pair(scenario, connections, "base", server, baseline, args, workdir, results)
-            if "mixed" in args.scenarios:
-                run_pair("mixed", MIXED_PUBLISHERS + MIXED_CONSUMERS, "base", server, baseline, args,
-                         workdir, results)
-            if "waiters" in args.scenarios:
-                print("  waiters: publish at %d connections, alternately without and with %d long-poll "
-                      "reads waiting, %d round(s) ..." % (WAITERS_PUBLISHERS, args.waiters, args.waiter_rounds),
-                      flush=True)
-                waiters = run_waiters(server, args, problems)
+            for scenario in ("repeat-read", "consume", "tail"):
+                for connections in args.connections if scenario in wanted else ():
+                    run_pair(scenario, connections, "base", servers, baseline, args, workdir, results)
+            if "mixed" in wanted:
+                run_pair("mixed", MIXED_PUBLISHERS + MIXED_CONSUMERS, "base", servers, baseline, args, workdir,
+                         results)
+            if "waiters" in wanted:
+                print("  waiters: publish at %d connections, alternately without and with %d long-poll reads "
+                      "waiting, %d round(s) ..." % (WAITERS_PUBLISHERS, args.waiters, args.waiter_rounds), flush=True)
+                waiters = run_waiters(first, args, problems)
             if args.scale:
-                print("  loading %s events in %d streams (--scale) ..." % (
-                    f"{args.scale_events:,}", args.scale_streams), flush=True)
-                loads["scale"] = load_events(server.target, scale_plan(args.scale_events, args.scale_streams),
-                                             "scale")
-                print("  ... %s events/s" % f"{loads['scale']['events_per_s']:,}", flush=True)
-                if hasattr(os, "sync"):  # else the runs below pay for writing back the load's ~700 MB
-                    started = time.monotonic()
-                    os.sync()
-                    print("  ... written back to disk in %.1f s" % (time.monotonic() - started), flush=True)
-                for scenario in ("publish", "read"):
+                print("  loading %s events in %d streams (--scale) ..." % (f"{args.events:,}", args.streams),
+                      flush=True)
+                loads["scale"] = load_events(first.target, scale_plan(args.events, args.streams), "scale")
+                started = time.monotonic()
+                os.sync()   # else the runs below pay for writing back the load's ~700 MB
+                print("  ... %s events/s; written back to disk in %.1f s" % (
+                    f"{loads['scale']['events_per_s']:,}", time.monotonic() - started), flush=True)
+                for scenario in ("publish", "repeat-read"):
                     for connections in args.connections:
-                        run_pair(scenario, connections, "scale", server, baseline, args, workdir, results)
+                        run_pair(scenario, connections, "scale", servers[:1], baseline, args, workdir, results)
+            if wanted & {"spread", "memory"}:
+                run_spread(args, workdir, baseline, user, password, results, problems, memory)
+            if "memory" in wanted:
+                problems.extend(run_fixtures_memory(args, workdir, user, password, memory))
         except BenchError as error:
             problems.append("run stopped: %s" % error)
-            if server and server.process.poll() is not None:
-                problems.append("server exited with code %s: %s" % (server.process.returncode,
-                                                                  server.stderr_tail()))
+            problems += ["%s exited with code %s: %s" % (server.name, server.process.returncode, server.stderr_tail())
+                         for _, server in servers if server.process.poll() is not None]
         finally:
             baseline.stop()
-            if server:
-                server.stop()
-                if server.exit_note:
-                    problems.append("server %s" % server.exit_note)
-                if server.tracebacks():
-                    problems.append("server logged %d traceback(s); first lines: %s" % (
-                        server.tracebacks(), server.stderr_tail(8)))
-        for row in results:
-            if row["server"]["errors"]:
-                problems.append("%s %d conns: server errors %s" % (row["scenario"], row["connections"],
-                                                                     row["server"]["errors"]))
-    if results:
-        print_table(results)
-    if waiters:
-        print_waiters(waiters)
-    for problem in problems:
-        print("PROBLEM: %s" % problem)
+            for _, server in servers:
+                problems.extend(server.stop())
+    problems += ["%s %d conns: server errors %s" % (row["scenario"], row["connections"], row["server"]["errors"])
+                 for row in results if row["server"]["errors"]]
+    print_report(results, waiters, memory, problems)
     if args.json:
-        document = {"version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "command": [sys.executable, sys.argv[0]] + sys.argv[1:], "machine": machine,
-                    "config": {"sync": args.sync, "duration_s": args.duration, "warmup_s": args.warmup,
-                               "connections": args.connections, "scenarios": args.scenarios,
-                               "repeat": args.repeat, "waiters": args.waiters,
-                               "waiter_rounds": args.waiter_rounds,
-                               "client": args.client, "envelope_bytes": ENVELOPE_SIZE,
-                               "read_events": args.read_events, "scale": args.scale,
-                               "scale_events": args.scale_events if args.scale else None,
-                               "scale_streams": args.scale_streams if args.scale else None},
-                    "server": server.banner if server else None, "loads": loads, "results": results,
-                    "waiters": waiters, "problems": problems}
-        with open(args.json, "w") as f:
-            json.dump(document, f, indent=1)
-        print("\nfigures written to %s" % args.json)
+        config = {key: getattr(args, key) for key in (
+            "servers", "sync", "duration", "warmup", "connections", "scenarios", "repeat", "client", "read_events",
+            "tail_rate", "events", "spread_consumers", "memory_consumers", "waiters", "waiter_rounds", "scale",
+            "streams")}
+        write_json(args.json, {"machine": machine, "config": dict(config, envelope_bytes=ENVELOPE_SIZE),
+                               "servers": {name: server.banner for name, server in servers}, "loads": loads,
+                               "results": results, "waiters": waiters, "memory": memory, "problems": problems})
     return 1 if any(problem.startswith("run stopped") for problem in problems) else 0
 
 
@@ -1728,9 +1704,9 @@ def main(argv):
     machine = machine_info()
     print_header(args, machine)
     try:
-        if args.build_db is not None:
+        if args.build_db:
             return build_database(args)
-        if args.endpoints is not None:
+        if args.endpoints:
             return run_endpoints(args, machine)
         return run_benchmark(args, machine)
     except BenchError as error:
