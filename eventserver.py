@@ -1079,7 +1079,12 @@ class _Tail:
 
     def __init__(self, first, items=(), event_ids=()):
         self.first, self.items, self.event_ids = first, list(items), list(event_ids)
-        self.size = sum(map(len, self.items)) + TAIL_EVENT_BYTES * len(self.items)
+        self.size = sum(map(_text_bytes, self.items)) + TAIL_EVENT_BYTES * len(self.items)
+
+
+def _text_bytes(text):
+    """At most what a str takes in memory: CPython keeps one that is not all ASCII at up to 4 bytes a character."""
+    return len(text) if text.isascii() else 4 * len(text)
 
 
 class Tails:
@@ -1113,10 +1118,11 @@ class Tails:
             else:
                 self._tails.move_to_end(key)
             item = '{"eventId":"' + event_id + '",' + envelope[1:]
+            size = _text_bytes(item) + TAIL_EVENT_BYTES
             tail.items.append(item)
             tail.event_ids.append(event_id)
-            tail.size += len(item) + TAIL_EVENT_BYTES
-            self._size += len(item) + TAIL_EVENT_BYTES
+            tail.size += size
+            self._size += size
             self._events[event_id] = (stream_id, event_name, sequence)
             if len(tail.items) >= 2 * TAIL_EVENTS:
                 self._cut(key, tail)
@@ -1126,7 +1132,7 @@ class Tails:
     def _cut(self, key, tail):
         gone = len(tail.items) - TAIL_EVENTS
         for event_id in tail.event_ids[:gone]:
-            del self._events[event_id]
+            self._events.pop(event_id, None)
         kept = _Tail(tail.first + gone, tail.items[gone:], tail.event_ids[gone:])
         self._size -= tail.size - kept.size
         self._tails[key] = kept
@@ -1134,7 +1140,7 @@ class Tails:
     def _drop(self, key):
         tail = self._tails.pop(key)
         for event_id in tail.event_ids:
-            del self._events[event_id]
+            self._events.pop(event_id, None)
         self._size -= tail.size
 
     def keep_only(self, stream_ids):
@@ -1491,7 +1497,7 @@ class Store:
             for key, size in tx.sizes.items():  # before the counts: a read takes the count, then the sizes
                 first, largest = sizes.get(key, (1, 0))
                 sizes[key] = (first, max(largest, size))
-            self.tails.extend(tx.events)  # before the counts: a tail holds at least what they count
+            self._keep_tails(tx.events if problem is None else ())  # before the counts: see Tails
             if tx.forgot:  # a reset or a stream removed: only what belongs to the streams left is kept
                 streams = {**tx.known_streams, **tx.streams}
                 left = {stream_id for stream_id, _ in streams.values()}
@@ -1510,6 +1516,20 @@ class Store:
                 self.waiters.wake(tx.counts)
         for ticket in batch:
             ticket.done = True
+
+    def _keep_tails(self, rows):
+        """Add the committed rows to the tails; none for a commit whose file
+        went missing (its writers were told it may be lost: then no reader
+        may get it from memory either). A failure here must not leave the
+        counts behind the commit: the tails are given up instead."""
+        try:
+            if rows:
+                self.tails.extend(rows)
+            else:
+                self.tails = Tails()
+        except Exception:
+            log.exception("keeping the newest events in memory failed; reads go to the database")
+            self.tails = Tails()
 
     def _write(self, tx):
         """Write what the transaction's requests kept in memory, and commit.
