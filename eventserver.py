@@ -2816,11 +2816,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._body_unread = True
         detail = message if message and message != REASONS.get(code) else ""
         reply = self.server.app.dialect.error_reply(HTTPError(code, detail))
-        with contextlib.suppress(OSError):
-            self.wfile.write(self._encode(reply))
-        if not self.server.app.config.quiet:
+        if not self.server.app.config.quiet:  # queued before the client has the answer: a stop then keeps it
             self.client_id = ""
             log_access(self, reply, 0.0)
+        with contextlib.suppress(OSError):
+            self.wfile.write(self._encode(reply))
 
     def finish(self):
         try:
