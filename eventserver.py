@@ -1083,7 +1083,8 @@ class _Tail:
 
 
 def _text_bytes(text):
-    """At most what a str takes in memory: CPython keeps one that is not all ASCII at up to 4 bytes a character."""
+    """At most the bytes text takes, in UTF-8 or in CPython's memory: one a
+    character when it is all ASCII, else up to 4."""
     return len(text) if text.isascii() else 4 * len(text)
 
 
@@ -1636,8 +1637,7 @@ class Store:
         for event_id, envelope, created_at in events:
             key = (stream_id, envelope.name)
             sequence = tx.counts[key] = self.count(tx, stream_id, envelope.name) + 1
-            text = envelope.text
-            size = len(text) if text.isascii() else 4 * len(text)  # UTF-8 takes 4 bytes a character at most
+            size = _text_bytes(envelope.text)
             if size > tx.sizes.get(key, 0):
                 tx.sizes[key] = size
             tx.events.append((event_id, stream_id, envelope.name, sequence, envelope.text,

@@ -96,9 +96,9 @@ def raw_publish(stream, headers, body=""):
             f"Content-Type: application/json\r\nX-Producer-ID: p\r\n{headers}\r\n{body}")
 
 
-def with_client(port, action):
+def with_client(port, action, **credentials):
     """Run action(client) on a fresh connection, then close it."""
-    client = Client(port)
+    client = Client(port, **credentials)
     try:
         return action(client)
     finally:
@@ -3132,11 +3132,7 @@ def client_of(server):
 
 def with_client_of(server, action):
     """Run action(client) on a fresh connection to server, with its credentials, then close it."""
-    client = client_of(server)
-    try:
-        return action(client)
-    finally:
-        client.close()
+    return with_client(server.port, action, user=server.user, password=server.password)
 
 
 def _threads_end(before):
