@@ -650,8 +650,9 @@ def parse_envelopes(value):
 #
 # Threads
 # - Connection threads, one per client connection (ThreadingHTTPServer). Each
-#   parses its requests, checks them, reads from SQLite on a reader connection
-#   from the pool, and answers its own client. A write it hands to the writer
+#   parses its requests, checks them, reads from SQLite (a one-query read on
+#   the quick reader connection, in turn; a longer one on a connection from
+#   the pool), and answers its own client. A write it hands to the writer
 #   thread as a ticket, and sleeps until the ticket is committed or refused;
 #   then it answers, or sends what the writer thread left of the reply.
 # - The deadlines thread, one per Server (HeadDeadlines): shuts down the
@@ -681,7 +682,7 @@ def parse_envelopes(value):
 # - A ticket's own lock: its connection thread sleeps on it until the writer
 #   thread releases it, after the commit.
 # - Waiters' lock: the long polls registered per (stream, event name).
-# - Store's quick-read turn: short reads take turns inside SQLite.
+# - Store's quick-read turn: one-query reads take turns on one connection.
 # - A connection's head_lock: taking it out of HeadDeadlines' table and, if
 #   late, shutting its reading side are one step (see HeadDeadlines).
 # - Server's connection count lock: the count checked against --max-connections.
@@ -695,11 +696,12 @@ def parse_envelopes(value):
 # connection keep the order of its requests). Either way only once the ticket
 # is done: a 200 is never sent before the commit it reports.
 
-RECENT_EVENTS = 100_000  # events remembered from reads so acknowledging them needs no query
+LOAD_CHUNK = 10_000  # events a load (import, fixtures) writes at a time: its file may not fit in memory
+RECENT_EVENTS = 10_000  # events remembered from reads so acknowledging them needs no query (~2.5 MB)
 TAIL_EVENTS = 1000  # newest events of each (stream, event name) kept in memory for consumers that keep up
 TAIL_BYTES = 8 * 1048576  # the memory all those tails take together, at most
 TAIL_EVENT_BYTES = 320  # what an event in a tail takes beside its text: the strings' heads, its ID, its index entry
-ANSWERS, MAX_ANSWER_BYTES = 256, 65536  # answers to reads kept for re-reads: at most 16 MiB
+ANSWER_BYTES, MAX_ANSWER_BYTES = 4 * 1048576, 65536  # answers to reads kept for re-reads: in all, and each
 SQLITE_MAX_VARIABLES = 999  # the default limit before SQLite 3.32
 
 
@@ -1035,7 +1037,7 @@ class ReadCache:
       count, JSON text) of a read. A full answer (limit events, or fewer when
       the next would pass max_bytes) holds for good; a shorter one until the
       count of that name moves past the count read before its query. Only
-      answers up to MAX_ANSWER_BYTES are kept, ANSWERS of them.
+      answers up to MAX_ANSWER_BYTES are kept, ANSWER_BYTES of them in all.
     - events: event_id -> (stream_id, event_name, sequence) of the events
       lately read, since consumers acknowledge what they just read: the ack
       then needs no query. Up to RECENT_EVENTS of them.
@@ -1044,6 +1046,7 @@ class ReadCache:
 
     def __init__(self):
         self._answers = {}
+        self._answer_bytes = 0  # the length of the texts kept (updated without a lock: near enough)
         self._events = {}
 
     def answer(self, key, count):
@@ -1062,9 +1065,11 @@ class ReadCache:
         for sequence, event_id in listed:
             self._events[event_id] = (stream_id, event_name, int(sequence))
         if len(text) <= MAX_ANSWER_BYTES:
-            if len(self._answers) >= ANSWERS:
+            if self._answer_bytes + len(text) > ANSWER_BYTES:
                 self._answers.clear()
+                self._answer_bytes = 0
             self._answers[key] = (full, count, text)
+            self._answer_bytes += len(text)
 
     def event(self, event_id):
         """(stream_id, event_name, sequence) of an event lately read, or None."""
@@ -1213,6 +1218,15 @@ class _Transaction:
             for streams in (self.streams, self.known_streams))
         self.forgot = True
 
+    def write_events(self, at_least=LOAD_CHUNK):
+        """Write the events kept so far, once there are at_least of them, and
+        keep no more of them in memory: for loads of a whole file in one
+        transaction. (Their tails are not kept: reads find them in SQLite.)"""
+        if len(self.events) >= at_least:
+            for statement in _inserts(EVENT_COLUMNS, self.events):
+                self.execute(*statement)
+            self.events.clear()
+
     def execute(self, sql, parameters=()):
         """Run a statement in the transaction, beginning it if need be."""
         if not self.begun:
@@ -1232,14 +1246,16 @@ class Store:
     offsets are checked in memory, in the work, against the committed state
     kept here and what the transaction itself changed: this process is the
     database's only writer (an exclusive flock makes sure), so the state in
-    memory is the database's. Reads use a pool of their own connections and
-    never wait for the write lock (WAL readers see the last commit)."""
+    memory is the database's. Reads use connections of their own (one for
+    quick reads, a pool for longer ones) and never wait for the write lock
+    (WAL readers see the last commit)."""
 
     def __init__(self, path, sync="full", exclusive=True):
         self.path = path
         self.sync = sync
         self._readers = queue.SimpleQueue()
         self._quick_turn = threading.Lock()  # see reading()
+        self._quick = None  # the quick reader connection, made at the first quick read
         # The committed state, in memory, changed by the writer thread only:
         self._streams = {}  # name -> (stream_id, producer_id) of every stream; streams never change
         self._counts = {}  # (stream_id, event_name) -> events of that name, where any
@@ -1401,6 +1417,9 @@ class Store:
                 self._readers.get_nowait().close()
             except queue.Empty:
                 break
+        with self._quick_turn:
+            if self._quick is not None:
+                self._quick.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # only now: see _lock_exclusively
             self._lock_fd = None
@@ -1409,27 +1428,30 @@ class Store:
 
     @contextlib.contextmanager
     def reading(self, quick=False):
-        """A reader connection from the pool, its queries seeing one state of
-        the database. quick: for one short query (a single statement needs
-        no transaction), run in turn with the other quick ones: two threads
-        inside SQLite at once cost more in lock and GIL hand-overs than they
-        gain. Long queries (search, stats) run beside them."""
+        """A reader connection, its queries seeing one state of the database.
+        quick: for one short query (a single statement needs no transaction),
+        on the one quick connection, in turn with the other quick reads: two
+        threads inside SQLite at once cost more in lock and GIL hand-overs
+        than they gain, and one connection keeps one page cache (2 MB), not
+        one per thread that waits. Long queries (search, stats) run beside
+        them, each on a connection from the pool."""
         if self.closed:
             raise HTTPError(503, "the server is stopping")
+        if quick:
+            with self._quick_turn:
+                if self.closed:  # closed while this read waited for its turn
+                    raise HTTPError(503, "the server is stopping")
+                if self._quick is None:
+                    self._quick = self._reader()
+                yield self._quick
+            return
         try:
             conn = self._readers.get_nowait()
         except queue.Empty:
-            try:
-                conn = self._connect(create=False)
-            except sqlite3.Error as error:  # the file removed, or no descriptor left
-                raise HTTPError(503, self.file_problem() or f"the database cannot be read: {error}") from None
+            conn = self._reader()
         try:
-            if quick:
-                with self._quick_turn:
-                    yield conn
-            else:
-                conn.execute("BEGIN")
-                yield conn
+            conn.execute("BEGIN")
+            yield conn
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
@@ -1437,6 +1459,12 @@ class Store:
                 conn.close()  # close() has emptied the pool already
             else:
                 self._readers.put(conn)
+
+    def _reader(self):
+        try:
+            return self._connect(create=False)
+        except sqlite3.Error as error:  # the file removed, or no descriptor left
+            raise HTTPError(503, self.file_problem() or f"the database cannot be read: {error}") from None
 
     def transact(self, work, answer=None):
         """Run work(tx) in a write transaction, maybe shared with other
@@ -1584,14 +1612,20 @@ class Store:
                              answer)
 
     def publish_fixtures(self, fixtures):
-        """Publish (stream, producer_id, Envelope) records in one transaction,
-        all or none; only into a database without streams. Returns how many."""
+        """Publish (stream, producer_id, Envelope) records, taken from the
+        iterable as they are written, in one transaction, all or none; only
+        into a database without streams (into another, the records are
+        still taken, to check them). Returns whether they were published,
+        and how many there were."""
         def work(tx):
-            if tx.execute("SELECT 1 FROM streams LIMIT 1").fetchone():
-                return 0
+            empty = not tx.execute("SELECT 1 FROM streams LIMIT 1").fetchone()
+            records = 0
             for stream, producer_id, envelope in fixtures:
-                self._publish_in(tx, stream, producer_id, [envelope], None)
-            return len(fixtures)
+                records += 1
+                if empty:
+                    self._publish_in(tx, stream, producer_id, [envelope], None)
+                    tx.write_events()
+            return empty, records
 
         return self.transact(work)
 
@@ -4133,9 +4167,6 @@ def export(store, out):
                   "eventIds": event_ids.split(",")})
 
 
-IMPORT_CHUNK = 10_000  # events an import writes at a time: a dump may not fit in memory
-
-
 def import_records(store, lines):
     """Load what export wrote into the store's empty database, exactly, in
     one transaction; a bad line (LoadError names it) changes nothing."""
@@ -4146,10 +4177,7 @@ def import_records(store, lines):
             if raw.strip():
                 try:
                     _import_line(store, tx, decode_json(raw, "line"))
-                    if len(tx.events) >= IMPORT_CHUNK:
-                        for statement in _inserts(EVENT_COLUMNS, tx.events):
-                            tx.execute(*statement)
-                        tx.events.clear()
+                    tx.write_events()
                 except HTTPError as error:
                     raise LoadError(number, error.detail or error.text) from None
                 except (KeyError, TypeError, AttributeError, ValueError) as error:
@@ -4402,30 +4430,30 @@ def _database_file(path):
 
 def load_fixtures(store, filename):
     """Publish an NDJSON file of {"stream", "producerId", "envelope"} lines,
-    all or none, into a database that has no streams yet."""
-    fixtures = []
+    all or none, into a database that has no streams yet. The file is read
+    as it is published: memory does not grow with it."""
+    def fixtures(lines):
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = decode_json(raw, "line")
+                if not isinstance(record, dict):
+                    raise bad_request("line is not a JSON object")
+                yield (check_name("stream", record.get("stream")),
+                       check_token("producerId", record.get("producerId")),
+                       Envelope(record.get("envelope"), "envelope: "))
+            except HTTPError as error:
+                raise ConfigError(f"fixtures {filename} line {number}: {error.detail}") from None
+
     try:
         with open(filename, "rb") as lines:
-            for number, raw in enumerate(lines, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = decode_json(raw, "line")
-                    if not isinstance(record, dict):
-                        raise bad_request("line is not a JSON object")
-                    fixtures.append((check_name("stream", record.get("stream")),
-                                     check_token("producerId", record.get("producerId")),
-                                     Envelope(record.get("envelope"), "envelope: ")))
-                except HTTPError as error:
-                    raise ConfigError(f"fixtures {filename} line {number}: "
-                                      f"{error.detail}") from None
+            loaded, records = store.publish_fixtures(fixtures(lines))
     except OSError as error:
         raise ConfigError(f"cannot read fixtures {filename}: {error.strerror or error}") from None
-    try:
-        loaded = store.publish_fixtures(fixtures)
     except HTTPError as error:
         raise ConfigError(f"fixtures {filename}: {error.text}") from None
-    if not loaded and fixtures:
+    if not loaded and records:
         log.info("fixtures %s not loaded: the database already has streams", filename)
 
 

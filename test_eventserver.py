@@ -2898,6 +2898,28 @@ class ToolsTest(unittest.TestCase):
             process.proc.send_signal(signal.SIGTERM)
             self.assertEqual(process.finish()[0], 0)
 
+    def test_fixtures_of_many_chunks_load_whole_and_in_order(self):
+        many = 2 * eventserver.LOAD_CHUNK + 3  # written a chunk at a time, committed once
+        fixtures = self.write_fixtures(
+            {"stream": "s%d" % (n % 2), "producerId": "p", "envelope": envelope(payload={"n": n})}
+            for n in range(many))
+        db = self.path("many.db")
+        process = self.start("--db", db, "--fixtures", fixtures, "--quiet")
+        client = Client(process.port)
+        for stream in ("s0", "s1"):
+            first = client.read(stream, limit=3).json
+            self.assertEqual([e["payload"]["n"] for e in first], [n for n in range(6) if n % 2 == int(stream[1])])
+        client.close()
+        process.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(process.finish()[0], 0)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            rows = conn.execute("SELECT s.name, e.sequence, e.envelope FROM events e JOIN streams s"
+                                " USING (stream_id) ORDER BY s.name, e.sequence").fetchall()
+        self.assertEqual(len(rows), many)
+        for stream in ("s0", "s1"):
+            mine = [(sequence, json.loads(text)["payload"]["n"]) for name, sequence, text in rows if name == stream]
+            self.assertEqual(mine, [(i + 1, n) for i, n in enumerate(range(int(stream[1]), many, 2))])
+
     def test_bad_fixtures_are_a_one_line_start_up_error_and_load_nothing(self):
         cases = [
             ([{"stream": "s", "producerId": "p", "envelope": envelope()}, {"stream": "s", "producerId": "p"}],
@@ -2905,6 +2927,9 @@ class ToolsTest(unittest.TestCase):
             ([{"stream": "s", "producerId": "p", "envelope": envelope()},
               {"stream": "s", "producerId": "other", "envelope": envelope()}], "Locked"),
             (["not an object"], "line 1"),
+            # past the events a load writes at a time: what was written already is rolled back too
+            ([{"stream": "s", "producerId": "p", "envelope": envelope()}] * (eventserver.LOAD_CHUNK + 1)
+             + ["not an object"], f"line {eventserver.LOAD_CHUNK + 2}"),
         ]
         for lines, message in cases:
             with self.subTest(message=message):
