@@ -582,14 +582,20 @@ def compact_json(value, what="body"):
     return text
 
 
+def _text_bytes(text):
+    """At most the bytes text takes, in UTF-8 or in CPython's memory: one a
+    character when it is all ASCII, else up to 4."""
+    return len(text) if text.isascii() else 4 * len(text)
+
+
 class Envelope:
     """A validated event envelope: its event name and compact JSON text.
 
     payload_span is (start, length) of the payload's JSON text inside text,
     1-based as SQLite's substr() counts, so search can look at the payload
-    alone; (1, 0) when there is no payload."""
+    alone; (1, 0) when there is no payload. size: _text_bytes of the text."""
 
-    __slots__ = ("name", "text", "payload_span")
+    __slots__ = ("name", "text", "payload_span", "size")
 
     def __init__(self, value, where=""):
         if not isinstance(value, dict):
@@ -629,7 +635,7 @@ class Envelope:
                 if key != "eventId":
                     compact_json(item, f"{where}field {key}")
             raise
-        self.text = text
+        self.text, self.size = text, _text_bytes(text)
 
 
 MAX_BATCH = 1000
@@ -1085,12 +1091,6 @@ class _Tail:
     def __init__(self, first, items=(), event_ids=()):
         self.first, self.items, self.event_ids = first, list(items), list(event_ids)
         self.size = sum(map(_text_bytes, self.items)) + TAIL_EVENT_BYTES * len(self.items)
-
-
-def _text_bytes(text):
-    """At most the bytes text takes, in UTF-8 or in CPython's memory: one a
-    character when it is all ASCII, else up to 4."""
-    return len(text) if text.isascii() else 4 * len(text)
 
 
 class Tails:
@@ -1603,13 +1603,18 @@ class Store:
 
     # -- the core verbs -------------------------------------------------------
 
-    def publish(self, stream, producer_id, envelopes, idempotency_key=None, answer=None):
-        """Store envelopes in order, all or none; return their new event IDs.
-        The first producer of a stream owns it; another gets a 423. A retry
+    def publish(self, stream, producer_id, envelopes, idempotency_key=None, answer=None, event_ids=None):
+        """Store envelopes in order, all or none; return their new event IDs
+        (event_ids, when given: new_event_id()s made by the caller). The
+        first producer of a stream owns it; another gets a 423. A retry
         with a known idempotency key and the same envelopes stores nothing
         and returns the first IDs; with other envelopes it is a 409."""
-        return self.transact(lambda tx: self._publish_in(tx, stream, producer_id, envelopes, idempotency_key),
-                             answer)
+        # What needs no state is done here, not in the writer thread, which does every write in turn.
+        event_ids = event_ids or [new_event_id() for _ in envelopes]
+        fingerprint = None if idempotency_key is None else \
+            hashlib.sha256("\n".join(e.text for e in envelopes).encode()).hexdigest()
+        return self.transact(lambda tx: self._publish_in(tx, stream, producer_id, envelopes, event_ids,
+                                                         idempotency_key, fingerprint), answer)
 
     def publish_fixtures(self, fixtures):
         """Publish (stream, producer_id, Envelope) records, taken from the
@@ -1623,13 +1628,13 @@ class Store:
             for stream, producer_id, envelope in fixtures:
                 records += 1
                 if empty:
-                    self._publish_in(tx, stream, producer_id, [envelope], None)
+                    self._publish_in(tx, stream, producer_id, [envelope], [new_event_id()])
                     tx.write_events()
             return empty, records
 
         return self.transact(work)
 
-    def _publish_in(self, tx, stream, producer_id, envelopes, idempotency_key):
+    def _publish_in(self, tx, stream, producer_id, envelopes, event_ids, idempotency_key=None, fingerprint=None):
         found = self._stream(stream, tx)
         if found is None:
             stream_id = self.create_stream(tx, stream, producer_id, tx.now)
@@ -1637,10 +1642,8 @@ class Store:
             raise StreamOwned(found[1])
         else:
             stream_id = found[0]
-        events = [(new_event_id(), envelope, tx.now) for envelope in envelopes]
-        event_ids = [event_id for event_id, _, _ in events]
+        events = [(event_id, envelope, tx.now) for event_id, envelope in zip(event_ids, envelopes)]
         if idempotency_key is not None:
-            fingerprint = hashlib.sha256("\n".join(e.text for e in envelopes).encode()).hexdigest()
             known = tx.execute(
                 "SELECT fingerprint, event_ids FROM idempotency_keys WHERE stream_id = ? AND key = ?",
                 (stream_id, idempotency_key)).fetchone()
@@ -1671,7 +1674,7 @@ class Store:
         for event_id, envelope, created_at in events:
             key = (stream_id, envelope.name)
             sequence = tx.counts[key] = self.count(tx, stream_id, envelope.name) + 1
-            size = _text_bytes(envelope.text)
+            size = envelope.size
             if size > tx.sizes.get(key, 0):
                 tx.sizes[key] = size
             tx.events.append((event_id, stream_id, envelope.name, sequence, envelope.text,
@@ -2103,8 +2106,10 @@ def publish(request):
     key = request.idempotency_key()
     body = parse_json(request.body, request.headers.get("Content-Type"))
     envelopes = parse_envelopes(body)
-    return request.write(lambda answer: request.app.store.publish(stream, producer_id, envelopes, key, answer),
-                         lambda event_ids: json_reply(event_ids if isinstance(body, list) else event_ids[0]))
+    event_ids = [new_event_id() for _ in envelopes]
+    return request.write(
+        lambda answer: request.app.store.publish(stream, producer_id, envelopes, key, answer, event_ids),
+        lambda stored: json_reply(stored if isinstance(body, list) else stored[0]), expected=event_ids)
 
 
 def read_events(request):
@@ -2303,11 +2308,13 @@ class Request:
         self.client_id = ""
         self._handler = handler  # the connection's, where the writer thread may send the reply
 
-    def write(self, write, make_reply):
+    def write(self, write, make_reply, expected=None):
         """The reply of a write: make_reply(write(answer)), where write calls
         a Store verb with answer, so that the writer thread can send the
-        reply itself right after the commit (an EarlyReply, then returned)."""
-        answer = EarlyReply(self._handler, make_reply) if self._handler else None
+        reply itself right after the commit (an EarlyReply, then returned).
+        expected: the result the write will have unless it fails or is a
+        retry; its reply is made now, in this thread, not in the writer's."""
+        answer = EarlyReply(self._handler, make_reply, expected) if self._handler else None
         result = write(answer)
         return answer if answer is not None and answer.reply is not None else make_reply(result)
 
@@ -2903,16 +2910,24 @@ class EarlyReply:
     request's thread sends once awake. The thread sleeps until then, so
     replies on a connection still go out in the order of its requests."""
 
-    __slots__ = ("handler", "make_reply", "reply", "rest")
+    __slots__ = ("handler", "make_reply", "expected", "reply", "rest")
 
-    def __init__(self, handler, make_reply):
+    def __init__(self, handler, make_reply, expected=None):
         self.handler, self.make_reply = handler, make_reply
         self.reply, self.rest = None, b""
+        self.expected = None  # (result, reply, its bytes) made beforehand, in the request's thread
+        if expected is not None:
+            reply = make_reply(expected)
+            self.expected = (expected, reply, handler._encode(reply))
 
     def __call__(self, result):
-        """(In the writer thread.) Build the reply and send what the socket takes."""
-        reply = self.make_reply(result)
-        data = self.handler._encode(reply)
+        """(In the writer thread.) Build the reply, unless made already for
+        this result, and send what the socket takes."""
+        if self.expected is not None and self.expected[0] == result:
+            _, reply, data = self.expected
+        else:
+            reply = self.make_reply(result)
+            data = self.handler._encode(reply)
         try:
             sent = self.handler.connection.send(data, SEND_AT_ONCE)
         except BlockingIOError:
@@ -3327,10 +3342,11 @@ def go_publish(request):
         raise GoError(f"pq: value too long for type character varying({MAX_NAME})")
     if _holds_nul(event.stored):
         raise GoError("pq: unsupported Unicode escape sequence")  # jsonb refuses \u0000
-    envelopes = [Envelope(event.stored)]
+    envelopes, event_ids = [Envelope(event.stored)], [new_event_id()]
     try:
-        return request.write(lambda answer: store.publish(stream, producer_id, envelopes, answer=answer),
-                             lambda event_ids: go_reply({"uuid": event_ids[0]}, 201))
+        return request.write(lambda answer: store.publish(stream, producer_id, envelopes, answer=answer,
+                                                          event_ids=event_ids),
+                             lambda stored: go_reply({"uuid": stored[0]}, 201), expected=event_ids)
     except StreamOwned as error:  # another producer's first publish committed in between
         raise GoError(f"stream is reserved for another producer {error.owner}") from None
 
