@@ -4477,7 +4477,29 @@ def _url_host(host):
     return f"[{host}]" if ":" in host else host
 
 
+M_ARENA_MAX = -8  # glibc's mallopt() parameter
+MALLOC_ARENAS = 2
+
+
+def _fewer_malloc_arenas(environ):
+    """glibc's malloc gives threads that allocate at once arenas of their
+    own, up to 8 per core, and keeps what is freed in each: with a thread per
+    connection, the memory kept grew with the connections that had come (75
+    MB after 32 consumers, 60 MB with two arenas, at the same speed). Two, as
+    MALLOC_ARENA_MAX=2 would, unless that variable is set; nothing where the
+    C library is not glibc. Only for a server of its own process, before its
+    threads start: running() leaves a test process's malloc alone."""
+    if "MALLOC_ARENA_MAX" in environ:
+        return
+    try:
+        import ctypes  # here, not at the top: some Python builds have no ctypes, and only this needs it
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 def main(argv=None):
+    _fewer_malloc_arenas(os.environ)
     handler = _QueuedLogHandler()
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     argv = sys.argv[1:] if argv is None else argv

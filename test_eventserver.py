@@ -614,6 +614,50 @@ class ReadFromMemoryTest(ServerTest):
             self.assert_reads(stream, ids[stream], [0, 4, 9], limit=3)
 
 
+class BoundedMemoryTest(NewServerTest):
+    """What the server keeps beside the committed state stays bounded however
+    many clients come (README: Decisions, Memory)."""
+
+    def open_database_files(self):
+        folder = "/proc/self/fd"
+        return sum(1 for fd in os.listdir(folder)
+                   if os.path.realpath(os.path.join(folder, fd)) == os.path.realpath(self.live.db))
+
+    def test_reads_from_many_connections_at_once_share_one_reader_connection(self):
+        stream = fresh()
+        for size in (1000, 1000, 500):  # the first events are past what memory keeps of the stream
+            self.publish_ok(stream, [envelope()] * size)
+        for number in range(32):
+            response = self.client.request("POST", f"/api/v1/{stream}/c{number}/OrderPlaced/change/{number * 10}")
+            self.assertEqual(response.status, 200, response)
+        before = self.open_database_files()  # the writer's and the lock's, maybe a reader's
+        start = threading.Barrier(32)
+
+        def reads(number):  # no two reads alike: none is answered from the cache of answers
+            client = self.live.client()
+            try:
+                start.wait()
+                return [client.read(stream, limit=limit, consumer=f"c{number}").status for limit in range(1, 21)]
+            finally:
+                client.close()
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            statuses = [status for done in pool.map(reads, range(32)) for status in done]
+        self.assertEqual(set(statuses), {200})
+        self.assertLessEqual(self.open_database_files(), before + 1)  # one per thread before
+
+    def test_the_cache_of_answers_and_of_recent_events_stays_within_its_bounds(self):
+        cache, text = eventserver.ReadCache(), "x" * 40_000
+        for offset in range(1000):  # 40 MB of answers, 100,000 events
+            listed = [(str(offset * 100 + i), f"id-{offset}-{i}") for i in range(100)]
+            cache.keep((1, "A", offset, 100, 1 << 20), True, 100_000, text, listed)
+        self.assertLessEqual(sum(len(kept[2]) for kept in cache._answers.values()), eventserver.ANSWER_BYTES)
+        self.assertGreater(len(cache._answers), 0)
+        self.assertEqual(cache.answer((1, "A", 999, 100, 1 << 20), 100_000), text)
+        self.assertLessEqual(len(cache._events), eventserver.RECENT_EVENTS + 100)
+        self.assertEqual(cache.event("id-999-7"), (1, "A", 99907))
+
+
 # Acknowledge (SPEC 3.3) #######################################################
 
 class AckTest(ServerTest):
