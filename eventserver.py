@@ -704,7 +704,7 @@ def parse_envelopes(value):
 
 LOAD_CHUNK = 10_000  # events a load (import, fixtures) writes at a time: its file may not fit in memory
 RECENT_EVENTS = 10_000  # events remembered from reads so acknowledging them needs no query (~2.5 MB)
-TAIL_EVENTS = 1000  # newest events of each (stream, event name) kept in memory for consumers that keep up
+TAIL_EVENTS = 500  # newest events of each (stream, event name) kept in memory for consumers that keep up
 TAIL_BYTES = 4 * 1048576  # the memory all those tails take together, at most
 TAIL_EVENT_BYTES = 320  # what an event in a tail takes beside its text: the strings' heads, its ID, its index entry
 ANSWER_BYTES, MAX_ANSWER_BYTES = 2 * 1048576, 65536  # answers to reads kept for re-reads: in all, and each
