@@ -646,6 +646,29 @@ class BoundedMemoryTest(NewServerTest):
         self.assertEqual(set(statuses), {200})
         self.assertLessEqual(self.open_database_files(), before + 1)  # one per thread before
 
+    def test_a_batch_waiting_for_its_commit_does_not_keep_its_parsed_json(self):
+        # Its envelopes' text is all it needs: the parsed body (some 2 MB of objects for 1,000
+        # events) kept alive by each waiting batch raised the peak RSS of a bulk load by 6-8 MB.
+        marker, store = os.urandom(8).hex(), self.live.store
+        text = json.dumps([envelope(payload={"marker": marker, "n": n}) for n in range(1000)])
+
+        def parsed_bodies():
+            return [o for o in gc.get_objects() if isinstance(o, list) and len(o) == 1000
+                    and isinstance(o[0], dict) and (o[0].get("payload") or {}).get("marker") == marker]
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            store.writes.lock.acquire()  # the batch waits in the queue for the next commit
+            try:
+                batch = pool.submit(with_client, self.live.port, lambda c: c.request(
+                    "POST", f"/api/v1/streams/{fresh()}/events", text,
+                    {"Content-Type": "application/json", "X-Producer-ID": "p"}))
+                _wait_for(lambda: store.writes.queued() == 1)
+                self.assertEqual(parsed_bodies(), [])
+            finally:
+                store.writes.lock.release()
+            response = batch.result(timeout=15)
+        self.assertEqual((response.status, len(response.json)), (200, 1000), response)
+
     def test_the_cache_of_answers_and_of_recent_events_stays_within_its_bounds(self):
         cache, text = eventserver.ReadCache(), "x" * 40_000
         for offset in range(1000):  # 40 MB of answers, 100,000 events
