@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import pathlib
+import platform
 import re
 import shlex
 import shutil
@@ -668,6 +669,32 @@ class BoundedMemoryTest(NewServerTest):
                 store.writes.lock.release()
             response = batch.result(timeout=15)
         self.assertEqual((response.status, len(response.json)), (200, 1000), response)
+
+    @unittest.skipUnless(platform.libc_ver()[0] == "glibc" and os.path.exists("/proc/self/maps"),
+                         "glibc's arenas, seen in /proc")
+    def test_a_server_process_keeps_to_two_malloc_arenas_unless_told_otherwise(self):
+        # glibc gives each new thread an arena of its own (up to 8 per core) and keeps what is
+        # freed in each: memory that grew with the connections that had come.
+        def extra_arenas(env):
+            tmp = tempfile.TemporaryDirectory()
+            self.addCleanup(tmp.cleanup)
+            process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet",
+                              db=os.path.join(tmp.name, "events.db"), env=env)
+            self.addCleanup(process.stop)
+            process.wait_listening()
+            connections = [socket.create_connection(("127.0.0.1", process.port), timeout=15) for _ in range(32)]
+            try:
+                for connection in connections:  # 32 connection threads at once, each answering
+                    connection.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                for connection in connections:
+                    self.assertTrue(connection.recv(65536).startswith(b"HTTP/1.1 200"))
+                return _malloc_heaps(process.proc.pid)
+            finally:
+                for connection in connections:
+                    connection.close()
+
+        self.assertEqual(extra_arenas({"MALLOC_ARENA_MAX": None}), 1)  # the main arena, and one more
+        self.assertGreater(extra_arenas({"MALLOC_ARENA_MAX": "8"}), 1)  # the user's own setting stands
 
     def test_the_cache_of_answers_and_of_recent_events_stays_within_its_bounds(self):
         cache, text = eventserver.ReadCache(), "x" * 40_000
@@ -4099,6 +4126,7 @@ class Process:
     def __init__(self, *args, env=None, db=None, prefix=(), python=sys.executable):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH_", "EVENTSERVER_"))}
         self.env.update(env or {})
+        self.env = {name: value for name, value in self.env.items() if value is not None}  # None: unset
         command = [*prefix, python, SERVER, *args]  # prefix: e.g. prlimit, which execs it (same pid)
         if db:
             command += ["--db", db]
@@ -4307,6 +4335,28 @@ class CommandLineTest(unittest.TestCase):
         code, _, err = process.finish()
         self.assertEqual(code, 0)
         self.assertNotIn("Traceback", err)
+
+
+def _malloc_heaps(pid):
+    """How many arenas glibc's malloc has made in a process beside its main
+    one: each lives in a heap of its own, 64 MiB of address space aligned to
+    64 MiB, mapped in pieces (what is in use, then what is reserved)."""
+    size, regions = 64 << 20, []
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            regions.append((start, end, len(fields) > 5))  # a sixth field: a file or [stack], not a heap
+    heaps = 0
+    for index, (start, end, named) in enumerate(regions):
+        if named or start % size:
+            continue
+        for following, stop, also_named in regions[index + 1:]:
+            if following != end or also_named or end - start >= size:
+                break
+            end = stop
+        heaps += end - start == size
+    return heaps
 
 
 def _free_port():
