@@ -670,8 +670,8 @@ class BoundedMemoryTest(NewServerTest):
             response = batch.result(timeout=15)
         self.assertEqual((response.status, len(response.json)), (200, 1000), response)
 
-    @unittest.skipUnless(platform.libc_ver()[0] == "glibc" and os.path.exists("/proc/self/maps"),
-                         "glibc's arenas, seen in /proc")
+    @unittest.skipUnless(platform.libc_ver()[0] == "glibc" and os.path.exists("/proc/self/maps")
+                         and sys.maxsize > 2 ** 32, "glibc's arenas on a 64-bit machine, seen in /proc")
     def test_a_server_process_keeps_to_two_malloc_arenas_unless_told_otherwise(self):
         # glibc gives each new thread an arena of its own (up to 8 per core) and keeps what is
         # freed in each: memory that grew with the connections that had come.
