@@ -676,18 +676,13 @@ class BoundedMemoryTest(NewServerTest):
         # glibc gives each new thread an arena of its own (up to 8 per core) and keeps what is
         # freed in each: memory that grew with the connections that had come.
         def extra_arenas(env):
-            tmp = tempfile.TemporaryDirectory()
-            self.addCleanup(tmp.cleanup)
-            process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet",
-                              db=os.path.join(tmp.name, "events.db"), env=env)
-            self.addCleanup(process.stop)
-            process.wait_listening()
-            connections = [socket.create_connection(("127.0.0.1", process.port), timeout=15) for _ in range(32)]
+            process = _listening_process(self, env=env)
+            connections = [_connect(process.port) for _ in range(32)]
             try:
                 for connection in connections:  # 32 connection threads at once, each answering
                     connection.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 for connection in connections:
-                    self.assertTrue(connection.recv(65536).startswith(b"HTTP/1.1 200"))
+                    self.assertEqual(_read_reply(connection.makefile("rb"))[0], 200)
                 return _malloc_heaps(process.proc.pid)
             finally:
                 for connection in connections:
@@ -1395,12 +1390,7 @@ class DescriptorLimitTest(unittest.TestCase):
     """Under `prlimit --nofile=256`, more connections than descriptors."""
 
     def test_out_of_descriptors_the_accept_loop_waits_and_serves_again_once_they_close(self):
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet",
-                          db=os.path.join(tmp.name, "events.db"), prefix=["prlimit", "--nofile=256"])
-        self.addCleanup(process.stop)
-        process.wait_listening()
+        process = _listening_process(self, prefix=["prlimit", "--nofile=256"])
         socks = []
         try:
             for _ in range(300):  # idle: each holds a descriptor (and a thread) for --timeout
@@ -1414,6 +1404,18 @@ class DescriptorLimitTest(unittest.TestCase):
             for sock in socks:
                 sock.close()
         _wait_for(lambda: _served_at_once(process.port))
+
+
+def _listening_process(test, env=None, prefix=()):
+    """eventserver.py as a subprocess on a database of its own, listening;
+    stopped and removed when the test ends."""
+    tmp = tempfile.TemporaryDirectory()
+    test.addCleanup(tmp.cleanup)
+    process = Process("--port", "0", "--user", USER, "--password", PASSWORD, "--quiet",
+                      db=os.path.join(tmp.name, "events.db"), env=env, prefix=prefix)
+    test.addCleanup(process.stop)
+    process.wait_listening()
+    return process
 
 
 def _cpu_seconds(pid):
