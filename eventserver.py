@@ -2172,6 +2172,7 @@ def metrics(request):
         ("consumer_lag", "gauge", "Events of that name the consumer has not acknowledged.",
          [({"stream": stream, "consumerId": consumer, "eventName": name}, count - offset)
           for stream, consumer, name, offset, count in offsets]),
+        ("long_polls_waiting", "gauge", "Long-poll reads waiting for an event.", [({}, store.waiters.count())]),
         ("log_lines_dropped_total", "counter", "Log lines dropped because stderr was not read.",
          [({}, LOG_LINES.dropped)]),
     ]

@@ -1882,7 +1882,21 @@ class MetricsTest(FreshServerTest):
         self.assertEqual(samples[("consumer_offset", key)], 1)
         self.assertEqual(samples[("consumer_lag", key)], 0)
         self.assertEqual(samples[("log_lines_dropped_total", ())], eventserver.LOG_LINES.dropped)
-        self.assertEqual(len(samples), 10)
+        self.assertEqual(samples[("long_polls_waiting", ())], 0)
+        self.assertEqual(len(samples), 11)
+
+    def test_metrics_count_the_long_polls_waiting(self):
+        self.publish_ok("orders", envelope("A"))
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            polls = [pool.submit(with_client, self.live.port, lambda c: c.read("orders", "B", extra="&wait=20"))
+                     for _ in range(2)]
+            _wait_for(lambda: self.live.store.waiters.count() == 2)
+            samples = _parse_prometheus(self.get("/metrics").body.decode())
+            self.assertEqual(samples[("long_polls_waiting", ())], 2)
+            self.publish_ok("orders", envelope("B"))
+            self.assertEqual([len(poll.result(timeout=10).json) for poll in polls], [1, 1])
+        samples = _parse_prometheus(self.get("/metrics").body.decode())
+        self.assertEqual(samples[("long_polls_waiting", ())], 0)
 
 
 def _parse_prometheus(text):
@@ -4311,7 +4325,8 @@ class CommandLineTest(unittest.TestCase):
         # a long-poll read is in flight; SIGTERM must answer it, then exit 0
         waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
             with_client, process.port, lambda c: c.read(stream, "Other", extra="&wait=20"))
-        time.sleep(1.0)  # the read is in another process: give it time to be parked
+        _wait_for(lambda: re.search(r"^long_polls_waiting 1$", with_client(process.port, lambda c: c.request(
+            "GET", "/api/v1/metrics").body.decode()), re.M))  # parked, in the other process
         started = time.monotonic()
         process.proc.send_signal(signal.SIGTERM)
         response = waiting.result(timeout=10)
