@@ -979,6 +979,7 @@ class GroupCommit:
                         with contextlib.suppress(Exception):  # then its own thread answers
                             ticket.answer(ticket.result)
                     ticket.wake()
+            batch = ticket = None  # not kept (envelopes, replies) while the writer waits for the next write
 
     def close(self):
         """Take no more writes, commit those queued, and wait for the writer thread to end."""
