@@ -651,7 +651,7 @@ class BoundedMemoryTest(NewServerTest):
         # Its envelopes' text is all it needs: the parsed body (some 2 MB of objects for 1,000
         # events) kept alive by each waiting batch raised the peak RSS of a bulk load by 6-8 MB.
         marker, store = os.urandom(8).hex(), self.live.store
-        text = json.dumps([envelope(payload={"marker": marker, "n": n}) for n in range(1000)])
+        text = json.dumps([envelope(payload={"marker": marker, "n": n}) for n in range(1000)])  # no list kept here
 
         def parsed_bodies():
             return [o for o in gc.get_objects() if isinstance(o, list) and len(o) == 1000
@@ -660,9 +660,8 @@ class BoundedMemoryTest(NewServerTest):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             store.writes.lock.acquire()  # the batch waits in the queue for the next commit
             try:
-                batch = pool.submit(with_client, self.live.port, lambda c: c.request(
-                    "POST", f"/api/v1/streams/{fresh()}/events", text,
-                    {"Content-Type": "application/json", "X-Producer-ID": "p"}))
+                batch = pool.submit(with_client, self.live.port, lambda c: c.publish(
+                    fresh(), text, "p", {"Content-Type": "application/json"}))
                 _wait_for(lambda: store.writes.queued() == 1)
                 self.assertEqual(parsed_bodies(), [])
             finally:
@@ -673,9 +672,7 @@ class BoundedMemoryTest(NewServerTest):
     def test_the_writer_thread_lets_go_of_its_last_writes(self):
         # Its last batch (tickets, envelopes, prepared replies: some 0.3 MB for 1,000 events)
         # was kept until the next write came, however long that took.
-        text = json.dumps([envelope(payload={"n": n}) for n in range(1000)])
-        response = self.client.request("POST", f"/api/v1/streams/{fresh()}/events", text,
-                                       {"Content-Type": "application/json", "X-Producer-ID": "p"})
+        response = self.client.publish(fresh(), [envelope(payload={"n": n}) for n in range(1000)])
         self.assertEqual((response.status, len(response.json)), (200, 1000), response)
 
         def tickets_alive():
